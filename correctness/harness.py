@@ -1,0 +1,165 @@
+"""The agreement harness: every implementation against the float64 oracle on every case.
+
+For each (implementation, case) it checks five quantities:
+
+- ``norms``       per-example gradient norms, Tensor[B]
+- ``per_param``   the same per parameter
+- ``gram``        inner products within the batch, Tensor[B, B]
+- ``cross_batch`` inner products with a second batch (train x test), Tensor[B, B']
+- ``cross_checkpoint`` inner products with a second batch at a second model (θ vs θ')
+
+and grades each ``ok`` (relative error within tolerance), ``unsupported`` (the implementation
+refused with a reason), ``WRONG`` (a number off by more than the tolerance, or a number where
+per-example gradients are undefined) or ``error`` (any other exception).
+"""
+
+from __future__ import annotations
+
+import copy
+import traceback
+from dataclasses import dataclass
+from functools import cache
+
+import torch
+
+import impls
+from correctness import oracle
+from correctness.cases import CASES, Case
+from impls import Unsupported
+
+QUANTITIES = ("norms", "per_param", "gram", "cross_batch", "cross_checkpoint")
+TOLERANCE = {torch.float64: 1e-6, torch.float32: 1e-4}
+BATCH_SIZE, OTHER_BATCH_SIZE = 5, 3
+
+
+@dataclass(frozen=True)
+class Outcome:
+    implementation: str
+    case: str
+    quantity: str
+    status: str  # ok | unsupported | WRONG | error
+    error: float = float("nan")  # max relative error (ok / WRONG)
+    detail: str = ""  # the refusal's reason, or what went wrong
+
+    @property
+    def failed(self) -> bool:
+        return self.status in ("WRONG", "error")
+
+
+def relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:
+    """max |value - reference| / max |reference| (absolute error when the reference is zero)."""
+    if value.shape != reference.shape:
+        return float("inf")
+    value = value.detach().double().cpu()
+    if not torch.isfinite(value).all():
+        return float("inf")
+    scale = reference.abs().max().item() if reference.numel() else 0.0
+    err = (value - reference).abs().max().item() if reference.numel() else 0.0
+    return err / scale if scale > 0 else err
+
+
+def perturbed(model: torch.nn.Module, seed: int = 1, scale: float = 0.1) -> torch.nn.Module:
+    """A second checkpoint θ' of the same network: every parameter moved by seeded noise."""
+    other = copy.deepcopy(model)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in other.parameters():
+            noise = torch.randn(p.shape, generator=generator, dtype=torch.float64)
+            p.add_(scale * noise.to(p.dtype) * (p.abs().mean() + 1e-3))
+    return other
+
+
+@dataclass
+class Problem:
+    """A case's model, batches and float64 references, built once per case."""
+
+    case: Case
+    model: torch.nn.Module
+    other_model: torch.nn.Module
+    batch: tuple
+    other_batch: tuple
+    references: dict | None  # quantity -> reference; None when undefined
+    undefined_reason: str = ""
+
+
+@cache
+def problem(case_name: str) -> Problem:
+    case = next(c for c in CASES if c.name == case_name)
+    model = case.make_model()
+    other_model = perturbed(model)
+    batch = case.make_batch(BATCH_SIZE, seed=0)
+    other_batch = case.make_batch(OTHER_BATCH_SIZE, seed=1)
+    try:
+        here = oracle.per_example_gradients(model, case.loss_fn, batch)
+    except Unsupported as refusal:
+        return Problem(case, model, other_model, batch, other_batch, None, str(refusal))
+    there = oracle.per_example_gradients(model, case.loss_fn, other_batch)
+    there_other_model = oracle.per_example_gradients(other_model, case.loss_fn, other_batch)
+    references = {
+        "norms": oracle.norms(here),
+        "per_param": oracle.per_param_norms(here),
+        "gram": oracle.inner(here, here),
+        "cross_batch": oracle.inner(here, there),
+        "cross_checkpoint": oracle.inner(here, there_other_model),
+    }
+    return Problem(case, model, other_model, batch, other_batch, references)
+
+
+def compute(implementation, p: Problem, quantity: str):
+    loss_fn = p.case.loss_fn
+    if quantity == "norms":
+        return implementation.norms(p.model, loss_fn, p.batch)
+    if quantity == "per_param":
+        return implementation.norms(p.model, loss_fn, p.batch, per_param=True)
+    if quantity == "gram":
+        return implementation.inner(p.model, loss_fn, p.batch)
+    if quantity == "cross_batch":
+        return implementation.inner(p.model, loss_fn, p.batch, p.other_batch)
+    if quantity == "cross_checkpoint":
+        return implementation.inner(
+            p.model, loss_fn, p.batch, p.other_batch, other_model=p.other_model
+        )
+    raise ValueError(f"unknown quantity '{quantity}'")
+
+
+def check(implementation_name: str, case_name: str, quantity: str) -> Outcome:
+    p = problem(case_name)
+    implementation = impls.get(implementation_name)
+    tolerance = TOLERANCE[p.case.dtype]
+
+    def outcome(status, error=float("nan"), detail=""):
+        return Outcome(implementation_name, case_name, quantity, status, error, detail)
+
+    try:
+        value = compute(implementation, p, quantity)
+    except Unsupported as refusal:
+        return outcome("unsupported", detail=str(refusal))
+    except Exception as exc:  # noqa: BLE001 - every other exception is a failure to report
+        last = traceback.extract_tb(exc.__traceback__)[-1]
+        where = f"{last.filename.split('/')[-1]}:{last.lineno}"
+        return outcome("error", detail=f"{type(exc).__name__}: {exc} ({where})".splitlines()[0])
+    if p.references is None:
+        return outcome("WRONG", detail=f"returned a number, but {p.undefined_reason}")
+    reference = p.references[quantity]
+    if isinstance(reference, dict):
+        if not isinstance(value, dict) or set(value) != set(reference):
+            return outcome("WRONG", float("inf"), "per-parameter names differ from the oracle's")
+        error = max((relative_error(value[n], reference[n]) for n in reference), default=0.0)
+    else:
+        error = relative_error(value, reference)
+    if error <= tolerance:
+        return outcome("ok", error)
+    return outcome("WRONG", error, f"relative error {error:.2e} > {tolerance:.0e}")
+
+
+def run(implementations=None, cases=None, quantities=QUANTITIES, progress=None) -> list[Outcome]:
+    implementations = implementations or impls.names()
+    cases = cases or [c.name for c in CASES]
+    outcomes = []
+    for case_name in cases:
+        for name in implementations:
+            for quantity in quantities:
+                outcomes.append(check(name, case_name, quantity))
+                if progress:
+                    progress()
+    return outcomes

@@ -1,0 +1,72 @@
+"""The float64 oracle: every example's gradient by its own forward and backward, in float64.
+
+Deliberately independent of ``impls``: a deep copy of the model is moved to float64 and each
+example is run alone, so nothing an implementation does (hooks, factored forms, vmap) is shared
+with the reference it is judged against.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import Tensor, nn
+
+from impls.base import check_per_example_gradients_defined
+
+
+def _to_float64(x):
+    if isinstance(x, Tensor):
+        return x.double() if x.is_floating_point() else x
+    if isinstance(x, (tuple, list)):
+        return type(x)(_to_float64(t) for t in x)
+    return x
+
+
+def _example(x, i):
+    if isinstance(x, Tensor):
+        return x[i : i + 1]
+    if isinstance(x, (tuple, list)):
+        return type(x)(_example(t, i) for t in x)
+    return x
+
+
+def per_example_gradients(model: nn.Module, loss_fn, batch) -> dict[str, Tensor]:
+    """name -> float64 Tensor[B, *shape] over the trainable parameters (first name of a tied one).
+
+    Raises ``impls.Unsupported`` when per-example gradients are undefined (BatchNorm in train
+    mode).
+    """
+    check_per_example_gradients_defined(model)
+    reference = copy.deepcopy(model).double()
+    params = {n: p for n, p in reference.named_parameters() if p.requires_grad}
+    inputs, targets = batch
+    inputs = (inputs,) if isinstance(inputs, Tensor) else tuple(inputs)
+    inputs, targets = _to_float64(inputs), _to_float64(targets)
+    size = inputs[0].shape[0]
+    rows = []
+    for i in range(size):
+        loss = loss_fn(reference(*_example(inputs, i)), _example(targets, i))
+        grads = torch.autograd.grad(loss.sum(), list(params.values()), allow_unused=True)
+        rows.append(
+            [
+                torch.zeros_like(p) if g is None else (g.to_dense() if g.is_sparse else g)
+                for p, g in zip(params.values(), grads)
+            ]
+        )
+    return {
+        n: torch.stack([r[k] for r in rows]) if rows else torch.zeros(0, *p.shape).double()
+        for k, (n, p) in enumerate(params.items())
+    }
+
+
+def norms(grads: dict[str, Tensor]) -> Tensor:
+    return sum(g.flatten(1).pow(2).sum(1) for g in grads.values()).sqrt()
+
+
+def per_param_norms(grads: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {n: g.flatten(1).norm(dim=1) for n, g in grads.items()}
+
+
+def inner(left: dict[str, Tensor], right: dict[str, Tensor]) -> Tensor:
+    return sum(left[n].flatten(1) @ right[n].flatten(1).T for n in left)

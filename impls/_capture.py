@@ -1,0 +1,185 @@
+"""Capture every layer call of a forward pass, then the gradients of the layers' outputs.
+
+``LayerCapture`` hooks the modules that have a rule (``impls.layers``) or own trainable
+parameters, records each call's inputs and outputs, and watches every torch call for trainable
+parameters used where no hooked module accounts for them (a parent calling
+``F.linear(x, self.child.weight)``, a parameter used in ``loss_fn``): such a use makes the answer
+impossible to get from the hooks, so it is refused.
+
+``backward`` asks autograd for the gradients of the summed losses w.r.t. the captured outputs
+only. Parameters are not among the requested inputs, so autograd skips the weight-gradient
+products altogether. Outputs are addressed by their gradient edge at capture time, so a later
+in-place op (``ReLU(inplace=True)``) does not shift which tensor's gradient is returned.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+from torch import Tensor, nn
+from torch.autograd.graph import get_gradient_edge
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten
+
+from impls.base import Unsupported
+from impls.layers import LayerCall, LayerRule, VmapFallback, rule_for
+
+_DIRECT_FALLBACK = VmapFallback(recursive=False)
+
+
+class _ParameterUseWatch(TorchFunctionMode):
+    """Remember the first trainable parameter used while no hooked module covers it."""
+
+    def __init__(self, names_by_id: dict[int, str], coverage: dict[int, int]):
+        super().__init__()
+        self.names_by_id = names_by_id
+        self.coverage = coverage
+        self.uncovered: str | None = None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if self.uncovered is None:
+            for arg in (*args, *kwargs.values()):
+                for x in arg if isinstance(arg, (list, tuple)) else (arg,):
+                    key = id(x)
+                    if key in self.names_by_id and not self.coverage[key]:
+                        self.uncovered = self.names_by_id[key]
+        return func(*args, **kwargs)
+
+
+class LayerCapture:
+    """Context manager: hooks on ``model`` while the forward pass (and loss_fn) run inside it."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        params: dict[str, nn.Parameter],
+        batch_size: int,
+        *,
+        create_graph: bool = False,
+        rules: dict[type, LayerRule] | None = None,
+    ):
+        self.model = model
+        self.params = params
+        self.batch_size = batch_size
+        self.create_graph = create_graph
+        self.rules = rules or {}
+        self.calls: list[LayerCall] = []
+        self._handles = []
+        names_by_id = {id(p): n for n, p in params.items()}
+        self._coverage: dict[int, int] = defaultdict(int)
+        self._watch = _ParameterUseWatch(names_by_id, self._coverage)
+
+    # -- which modules are hooked, and with which rule --------------------------------------
+
+    def _rule(self, module: nn.Module) -> LayerRule | None:
+        for module_type in type(module).__mro__:
+            if module_type in self.rules:
+                if type(module).forward is module_type.forward:
+                    return self.rules[module_type]
+                break
+        rule = rule_for(module)
+        if rule is not None:
+            return rule
+        if any(p.requires_grad for p in module.parameters(recurse=False)):
+            return _DIRECT_FALLBACK
+        return None
+
+    def _plan(self):
+        trainable = {id(p) for p in self.params.values()}
+        skip: set[int] = set()
+        for name, module in self.model.named_modules():
+            if id(module) in skip:
+                continue
+            rule = self._rule(module)
+            if rule is None:
+                continue
+            wanted = {n: p for n, p in rule.parameters(module).items() if id(p) in trainable}
+            if not wanted:
+                continue
+            rule.check(module, name)
+            if rule.recursive:
+                skip.update(id(m) for m in module.modules())
+            yield name, module, rule, wanted
+
+    # -- context manager ---------------------------------------------------------------------
+
+    def __enter__(self):
+        try:
+            for name, module, rule, wanted in self._plan():
+                self._hook(name, module, rule, wanted)
+        except BaseException:
+            self._remove()
+            raise
+        self._watch.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._watch.__exit__(*exc)
+        self._remove()
+        if exc[0] is None and self._watch.uncovered is not None:
+            raise Unsupported(
+                f"parameter '{self._watch.uncovered}' is used outside the forward of a module "
+                "that owns it (no layer hook can see that use)"
+            )
+        return False
+
+    def _remove(self):
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _hook(self, name, module, rule, wanted):
+        keys = [id(p) for p in wanted.values()]
+        coverage = self._coverage
+
+        def before(module, args):
+            for key in keys:
+                coverage[key] += 1
+
+        def after(module, args, kwargs, outputs):
+            for key in keys:
+                coverage[key] -= 1
+            leaves, _ = tree_flatten(outputs)
+            tensors = [x for x in leaves if isinstance(x, Tensor) and x.requires_grad]
+            in_leaves, _ = tree_flatten((args, kwargs))
+            versions = [(x, x._version) for x in in_leaves if isinstance(x, Tensor)]
+            call = LayerCall(
+                module=module,
+                name=name or type(module).__name__,
+                rule=rule,
+                args=args,
+                kwargs=kwargs,
+                outputs=outputs,
+                output_tensors=tensors,
+                wanted=wanted,
+                batch_size=self.batch_size,
+                create_graph=self.create_graph,
+                versions=versions,
+                edges=[get_gradient_edge(t) for t in tensors],
+            )
+            self.calls.append(call)
+
+        self._handles.append(module.register_forward_pre_hook(before))
+        self._handles.append(module.register_forward_hook(after, with_kwargs=True))
+
+    # -- backward ------------------------------------------------------------------------------
+
+    def backward(self, loss: Tensor) -> None:
+        """Fill each call's ``grad_outputs`` with d(loss)/d(output) (zeros where unused)."""
+        edges = [(call, k, e) for call in self.calls for k, e in enumerate(call.edges)]
+        grads = [None] * len(edges)
+        if edges and loss.requires_grad:
+            grads = torch.autograd.grad(
+                loss,
+                [e for _, _, e in edges],
+                allow_unused=True,
+                create_graph=self.create_graph,
+            )
+        for call in self.calls:
+            call.grad_outputs = [None] * len(call.output_tensors)
+        for (call, k, _), g in zip(edges, grads):
+            call.grad_outputs[k] = torch.zeros_like(call.output_tensors[k]) if g is None else g
+        for call in self.calls:
+            call.check_inputs_unchanged()

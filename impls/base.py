@@ -1,0 +1,257 @@
+"""The interface every implementation honours, and the checks they all share.
+
+An implementation answers two questions about per-example gradients g_i = ∇θ ℓ_i over the
+trainable parameters θ (those with ``requires_grad=True``):
+
+- ``norms``: ‖g_i‖ for every example (or per parameter with ``per_param=True``);
+- ``inner``: ⟨g_i(θ), g'_j(θ')⟩ between the examples of two batches, possibly at two models.
+
+Subclasses implement ``_squared_norms`` and ``_inner`` on validated, non-empty input; this class
+does the validation, the empty-batch answers, the BatchNorm refusal and the guarantees that the
+caller's model and random state are untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from impls._guard import preserved_model
+
+LossFn = Callable[[Any, Any], Tensor]
+
+
+class Unsupported(NotImplementedError):
+    """The implementation cannot give the exact answer; the message says why, in one line."""
+
+
+@dataclass
+class Side:
+    """One side of a question: a model, its trainable parameters and a validated batch."""
+
+    model: nn.Module
+    params: OrderedDict[str, nn.Parameter]
+    inputs: tuple[Tensor, ...]
+    targets: Any
+    batch_size: int
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(iter(self.params.values())).dtype if self.params else torch.get_default_dtype()
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.params.values())).device if self.params else self.inputs[0].device
+
+
+def trainable_parameters(model: nn.Module) -> OrderedDict[str, nn.Parameter]:
+    """Parameters with requires_grad, by their first name (a tied parameter appears once)."""
+    return OrderedDict((n, p) for n, p in model.named_parameters() if p.requires_grad)
+
+
+def split_batch(batch: Any) -> tuple[tuple[Tensor, ...], Any, int]:
+    """Validate ``(inputs, targets)``; return the inputs as a tuple, the targets, the batch size."""
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        raise ValueError("batch must be a pair (inputs, targets)")
+    inputs, targets = batch
+    inputs = (inputs,) if isinstance(inputs, Tensor) else inputs
+    if not isinstance(inputs, (tuple, list)) or not inputs:
+        raise ValueError("inputs must be a Tensor or a non-empty tuple of Tensors")
+    inputs = tuple(inputs)
+    for x in inputs:
+        if not isinstance(x, Tensor) or x.dim() == 0:
+            raise ValueError("every input must be a Tensor with a batch dimension first")
+    size = inputs[0].shape[0]
+    if any(x.shape[0] != size for x in inputs):
+        sizes = [x.shape[0] for x in inputs]
+        raise ValueError(f"inputs have different batch sizes {sizes}")
+    for t in targets if isinstance(targets, (tuple, list)) else (targets,):
+        if isinstance(t, Tensor) and (t.dim() == 0 or t.shape[0] != size):
+            got = "a scalar" if t.dim() == 0 else f"batch size {t.shape[0]}"
+            raise ValueError(f"targets have {got} but inputs have batch size {size}")
+    return inputs, targets, int(size)
+
+
+def check_per_example_gradients_defined(model: nn.Module) -> None:
+    """Refuse models whose forward mixes the examples of a batch (BatchNorm in train mode)."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
+            kind = type(module).__name__
+            raise Unsupported(
+                f"{kind} '{name or type(model).__name__}' in train mode mixes the examples of "
+                "a batch: per-example gradients are undefined (use eval mode)"
+            )
+
+
+def per_example_losses(loss_fn: LossFn, outputs: Any, targets: Any, batch_size: int) -> Tensor:
+    """Call loss_fn and insist on a Tensor of shape [batch_size]."""
+    losses = loss_fn(outputs, targets)
+    if not isinstance(losses, Tensor) or tuple(losses.shape) != (batch_size,):
+        got = tuple(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
+        raise ValueError(
+            f"loss_fn must return per-example losses of shape [{batch_size}], got {got} "
+            "(use reduction='none')"
+        )
+    return losses
+
+
+def example_slice(side: Side, start: int, stop: int) -> tuple[tuple[Tensor, ...], Any]:
+    """Inputs and targets of examples start..stop-1, batch dimension kept."""
+    inputs = tuple(x[start:stop] for x in side.inputs)
+    targets = side.targets
+    if isinstance(targets, Tensor):
+        targets = targets[start:stop]
+    elif isinstance(targets, (tuple, list)):
+        targets = type(targets)(t[start:stop] if isinstance(t, Tensor) else t for t in targets)
+    return inputs, targets
+
+
+@contextlib.contextmanager
+def _untouched(*models: nn.Module):
+    """The models come back exactly as given, and so does the global random state."""
+    devices = sorted(
+        {p.device.index or 0 for m in models for p in m.parameters() if p.device.type == "cuda"}
+    )
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.random.fork_rng(devices=devices))
+        seen = set()
+        for model in models:
+            if id(model) not in seen:
+                seen.add(id(model))
+                stack.enter_context(preserved_model(model))
+        yield
+
+
+class Implementation:
+    """Base class: validation and guarantees around ``_squared_norms`` and ``_inner``."""
+
+    #: registry name, set by subclasses
+    name: str = "?"
+    #: whether ``create_graph=True`` is supported (double backward through the result)
+    differentiable: bool = False
+
+    # -- the interface -------------------------------------------------------------------------
+
+    def norms(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        batch: Any,
+        *,
+        per_param: bool = False,
+        create_graph: bool = False,
+    ) -> Tensor | dict[str, Tensor]:
+        """L2 norm of each example's gradient: Tensor[B], or a dict name -> Tensor[B]."""
+        side = self._side(model, batch)
+        self._check_create_graph(create_graph)
+        if side.batch_size == 0:
+            empty = torch.zeros(0, dtype=side.dtype, device=side.device)
+            return {n: empty.clone() for n in side.params} if per_param else empty
+        check_per_example_gradients_defined(model)
+        if not side.params:
+            zeros = torch.zeros(side.batch_size, dtype=side.dtype, device=side.device)
+            return {} if per_param else zeros
+        with _untouched(model):
+            squared = self._squared_norms(side, loss_fn, create_graph)
+        if per_param:
+            return {n: _safe_sqrt(squared[n]) for n in side.params}
+        return _safe_sqrt(sum(squared.values()))
+
+    def inner(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        batch: Any,
+        other: Any = None,
+        *,
+        other_model: nn.Module | None = None,
+        create_graph: bool = False,
+    ) -> Tensor:
+        """Inner products of per-example gradients: Tensor[B, B'].
+
+        Entry (i, j) is ⟨∇θ ℓ_i (batch, model), ∇θ' ℓ'_j (other, other_model)⟩. ``other=None``
+        means the batch itself (the Gram matrix), ``other_model=None`` the same model.
+        """
+        side = self._side(model, batch)
+        other_side = side if other is None and other_model is None else self._side(
+            model if other_model is None else other_model, batch if other is None else other
+        )
+        _check_same_parameters(side, other_side)
+        self._check_create_graph(create_graph)
+        b1, b2 = side.batch_size, other_side.batch_size
+        if b1 == 0 or b2 == 0:
+            return torch.zeros(b1, b2, dtype=side.dtype, device=side.device)
+        check_per_example_gradients_defined(side.model)
+        check_per_example_gradients_defined(other_side.model)
+        if not side.params:
+            return torch.zeros(b1, b2, dtype=side.dtype, device=side.device)
+        with _untouched(side.model, other_side.model):
+            return self._inner(side, other_side, loss_fn, create_graph)
+
+    # -- for subclasses ------------------------------------------------------------------------
+
+    def _squared_norms(self, side: Side, loss_fn: LossFn, create_graph: bool) -> dict[str, Tensor]:
+        """Squared per-example norms per parameter name: dict name -> Tensor[B]."""
+        raise NotImplementedError
+
+    def _inner(self, side: Side, other: Side, loss_fn: LossFn, create_graph: bool) -> Tensor:
+        """Tensor[B, B'] of inner products; ``other is side`` for the Gram matrix."""
+        raise NotImplementedError
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    @staticmethod
+    def _side(model: nn.Module, batch: Any) -> Side:
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        inputs, targets, size = split_batch(batch)
+        return Side(model, trainable_parameters(model), inputs, targets, size)
+
+    def _check_create_graph(self, create_graph: bool) -> None:
+        if create_graph and not self.differentiable:
+            raise Unsupported(f"'{self.name}' cannot differentiate its results (create_graph=True)")
+
+    def __repr__(self) -> str:
+        return f"<pegbench implementation '{self.name}'>"
+
+
+class MaterializingImplementation(Implementation):
+    """An implementation that builds every example's gradient, then reduces it.
+
+    Subclasses implement ``_grad_samples``: dict name -> Tensor[B, *param.shape].
+    """
+
+    def _grad_samples(self, side: Side, loss_fn: LossFn, create_graph: bool) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def _squared_norms(self, side, loss_fn, create_graph):
+        samples = self._grad_samples(side, loss_fn, create_graph)
+        return {n: g.flatten(1).pow(2).sum(1) for n, g in samples.items()}
+
+    def _inner(self, side, other, loss_fn, create_graph):
+        left = self._grad_samples(side, loss_fn, create_graph)
+        right = left if other is side else self._grad_samples(other, loss_fn, create_graph)
+        return sum(left[n].flatten(1) @ right[n].flatten(1).T for n in side.params)
+
+
+def _check_same_parameters(side: Side, other: Side) -> None:
+    if side is other:
+        return
+    left = {n: tuple(p.shape) for n, p in side.params.items()}
+    right = {n: tuple(p.shape) for n, p in other.params.items()}
+    if left != right:
+        missing = sorted(set(left) ^ set(right))
+        differ = sorted(n for n in set(left) & set(right) if left[n] != right[n])
+        detail = f"names differ: {missing[:3]}" if missing else f"shapes differ: {differ[:3]}"
+        raise ValueError(f"other_model's trainable parameters do not match the model's ({detail})")
+
+
+def _safe_sqrt(squared: Tensor) -> Tensor:
+    # clamp: rounding can make a zero squared norm slightly negative in factored forms
+    return squared.clamp_min(0).sqrt()

@@ -1,0 +1,104 @@
+"""The per-layer rule interface and its registry.
+
+Shapes use the project's einsum letters: n = batch, t/s = positions, i = input features,
+o = output features. A rule sees one :class:`LayerCall` (a module's inputs, outputs and the
+gradients of the summed per-example losses w.r.t. those outputs) and returns, for each of the
+module's parameters it was asked for, the per-example gradients Tensor[B, *param.shape].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import Tensor, nn
+
+from impls.base import Unsupported
+
+
+@dataclass
+class LayerCall:
+    """One call of a module during the forward pass, and its output gradients after backward."""
+
+    module: nn.Module
+    name: str  # qualified module name, for messages
+    rule: LayerRule
+    args: tuple
+    kwargs: dict
+    outputs: Any  # what forward returned
+    output_tensors: list[Tensor]  # the tensor leaves of ``outputs`` that carry gradient
+    wanted: dict[str, nn.Parameter]  # local parameter name -> parameter, trainable only
+    batch_size: int
+    create_graph: bool = False
+    grad_outputs: list[Tensor] = field(default_factory=list)  # aligned with output_tensors
+    versions: list[tuple[Tensor, int]] = field(default_factory=list)
+    edges: list[Any] = field(default_factory=list)  # autograd gradient edges of output_tensors
+
+    @property
+    def input(self) -> Tensor:
+        """The first positional input (the activation a of a formula layer)."""
+        x = self.args[0] if self.args else self.kwargs.get("input")
+        if not isinstance(x, Tensor):
+            raise Unsupported(f"module '{self.name}' was called without a tensor input")
+        if x.dim() == 0 or x.shape[0] != self.batch_size:
+            raise Unsupported(
+                f"module '{self.name}' was called on a tensor of shape {tuple(x.shape)} without "
+                f"the batch dimension ({self.batch_size}) first: its output is shared by all "
+                "examples"
+            )
+        return x if self.create_graph else x.detach()
+
+    @property
+    def grad_output(self) -> Tensor:
+        """Gradient w.r.t. the (single) output, g."""
+        return self.grad_outputs[0]
+
+    def check_inputs_unchanged(self) -> None:
+        for tensor, version in self.versions:
+            if tensor._version != version:
+                raise Unsupported(
+                    f"an input of module '{self.name}' was modified in place after its forward"
+                )
+
+
+class LayerRule:
+    """How one module family's per-example gradients follow from a captured call."""
+
+    #: module types handled
+    types: tuple[type[nn.Module], ...] = ()
+    #: whether the rule covers the parameters of the module's submodules too
+    recursive: bool = False
+
+    def parameters(self, module: nn.Module) -> dict[str, nn.Parameter]:
+        """Local name -> parameter for every parameter this rule accounts for."""
+        return dict(module.named_parameters(recurse=self.recursive))
+
+    def check(self, module: nn.Module, name: str) -> None:
+        """Raise Unsupported when this module's configuration has no exact answer."""
+
+    def grad_samples(self, call: LayerCall) -> dict[str, Tensor]:
+        """Local name -> Tensor[B, *param.shape] for every name in ``call.wanted``."""
+        raise NotImplementedError
+
+
+_RULES: dict[type[nn.Module], LayerRule] = {}
+
+
+def register_rule(rule: LayerRule, *, overwrite: bool = False) -> LayerRule:
+    for module_type in rule.types:
+        if module_type in _RULES and not overwrite:
+            raise ValueError(f"a layer rule for {module_type.__name__} is already registered")
+        _RULES[module_type] = rule
+    return rule
+
+
+def rule_for(module: nn.Module) -> LayerRule | None:
+    """The rule for the module's type, or for a registered base type whose forward it keeps.
+
+    A subclass that overrides ``forward`` computes something else: it gets no rule (and so the
+    vmap fallback), never its base's formula.
+    """
+    for module_type in type(module).__mro__:
+        if module_type in _RULES:
+            return _RULES[module_type] if type(module).forward is module_type.forward else None
+    return None

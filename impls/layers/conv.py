@@ -1,0 +1,72 @@
+"""nn.Conv1d/2d/3d, any stride, padding (numbers, 'same', 'valid', any padding_mode),
+dilation and groups, through unfolding: the input becomes a [n, i = C_in/G·∏k, t] matrix per
+group (t = output positions) and the layer is a Linear per group applied at every position.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from impls.layers.base import LayerRule, register_rule
+
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+def explicit_padding(module: nn.modules.conv._ConvNd, a: torch.Tensor) -> torch.Tensor:
+    """The input padded as the module pads it, so that the convolution itself pads nothing."""
+    if module.padding_mode != "zeros":
+        return F.pad(a, module._reversed_padding_repeated_twice, mode=module.padding_mode)
+    if module.padding == "valid":
+        return a
+    if module.padding == "same":
+        pads = []
+        for d, k in zip(reversed(module.dilation), reversed(module.kernel_size)):
+            total = d * (k - 1)
+            pads += [total // 2, total - total // 2]
+        return F.pad(a, pads)
+    pads = [p for p in reversed(module.padding) for _ in range(2)]
+    return F.pad(a, pads)
+
+
+def unfold(module: nn.modules.conv._ConvNd, a: torch.Tensor) -> torch.Tensor:
+    """Input patches: [n, C_in·∏k, t], ordered like ``weight.flatten(1)`` within each group.
+
+    A convolution with a one-hot kernel per (channel, kernel offset) copies each patch entry
+    into its own output channel; it works for every spatial dimension, stride and dilation.
+    """
+    dims = len(module.kernel_size)
+    a = explicit_padding(module, a)
+    channels = a.shape[1]
+    taps = math.prod(module.kernel_size)
+    eye = torch.eye(taps, dtype=a.dtype, device=a.device).reshape(taps, 1, *module.kernel_size)
+    kernel = eye.repeat(channels, 1, *([1] * dims))  # [C_in·taps, 1, *k]
+    patches = _CONV[dims](
+        a, kernel, stride=module.stride, dilation=module.dilation, groups=channels
+    )
+    return patches.flatten(2)
+
+
+class ConvRule(LayerRule):
+    types = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+    def grad_samples(self, call):
+        module = call.module
+        n, groups = call.batch_size, module.groups
+        out = {}
+        g = call.grad_output.flatten(2)  # [n, o, t]
+        if "weight" in call.wanted:
+            a = unfold(module, call.input)  # [n, i, t]
+            a = a.reshape(n, groups, -1, a.shape[-1])
+            gg = g.reshape(n, groups, -1, g.shape[-1])
+            weight = gg @ a.transpose(2, 3)  # [n, G, o/G, i/G]
+            out["weight"] = weight.reshape(n, *module.weight.shape)
+        if "bias" in call.wanted:
+            out["bias"] = g.sum(2)
+        return out
+
+
+register_rule(ConvRule())

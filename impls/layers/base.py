@@ -80,6 +80,19 @@ class LayerRule:
         """Local name -> Tensor[B, *param.shape] for every name in ``call.wanted``."""
         raise NotImplementedError
 
+    # Reductions that need no per-example gradient. Rules with a factored form override these;
+    # the defaults materialise. ``left`` and ``right`` are two calls of the same module type
+    # (possibly of two models, two batches, or two call sites of one tied parameter).
+
+    def squared_norms(self, call: LayerCall) -> dict[str, Tensor]:
+        """Local name -> Tensor[B]: ‖example n's gradient from this call‖²."""
+        return {n: g.flatten(1).pow(2).sum(1) for n, g in self.grad_samples(call).items()}
+
+    def inner(self, left: LayerCall, right: LayerCall) -> dict[str, Tensor]:
+        """Local name -> Tensor[B, B']: ⟨left example n's gradient, right example m's⟩."""
+        a, b = self.grad_samples(left), self.grad_samples(right)
+        return {n: a[n].flatten(1) @ b[n].flatten(1).T for n in a if n in b}
+
 
 _RULES: dict[type[nn.Module], LayerRule] = {}
 

@@ -1,0 +1,37 @@
+"""The agreement matrix as tests: every registered implementation x every zoo case.
+
+Each test checks all five quantities (norms, per-parameter norms, Gram, cross-batch and
+cross-checkpoint inner products) against the float64 oracle and reports every mismatch at once.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+import impls
+from correctness.cases import CASES
+from correctness.harness import QUANTITIES, check, problem
+
+# Implementations that must answer (not refuse) wherever per-example gradients are defined.
+MUST_ANSWER = {"naive", "vmap", "hooks", "ghost"}
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("implementation", impls.names())
+def test_agrees_with_oracle(implementation, case):
+    outcomes = [check(implementation, case.name, q) for q in QUANTITIES]
+    failures = [f"{o.quantity}: {o.status} {o.detail}" for o in outcomes if o.failed]
+    assert not failures, "\n".join(failures)
+    if implementation in MUST_ANSWER and problem(case.name).references is not None:
+        refused = [f"{o.quantity}: {o.detail}" for o in outcomes if o.status == "unsupported"]
+        assert not refused, "\n".join(refused)
+    for o in outcomes:
+        if o.status == "unsupported":
+            assert o.detail and "\n" not in o.detail, f"refusal needs a one-line reason: {o}"
+
+
+@pytest.mark.parametrize("implementation", impls.names())
+def test_undefined_gradients_are_refused(implementation):
+    """BatchNorm in train mode: Unsupported is the only right answer, for every quantity."""
+    outcomes = [check(implementation, "batchnorm_train", q) for q in QUANTITIES]
+    assert all(o.status == "unsupported" for o in outcomes), outcomes

@@ -215,3 +215,37 @@ class BatchNormMLP(nn.Module):
 
     def forward(self, x):
         return self.fc2(torch.relu(self.bn(self.fc1(x))))
+
+
+class ReusedLayer(nn.Module):
+    """One Linear applied twice in the forward (its per-example gradient sums both uses)."""
+
+    def __init__(self, features=6, classes=3):
+        super().__init__()
+        self.shared = nn.Linear(features, features)
+        self.head = nn.Linear(features, classes)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.shared(torch.tanh(self.shared(x)))))
+
+
+class LowRankLinear(nn.Linear):
+    """A Linear subclass whose forward adds a low-rank update: not nn.Linear's formula."""
+
+    def __init__(self, fan_in, fan_out, rank=2):
+        super().__init__(fan_in, fan_out)
+        self.down = nn.Parameter(torch.randn(rank, fan_in) / fan_in**0.5)
+        self.up = nn.Parameter(torch.randn(fan_out, rank) / rank)
+
+    def forward(self, x):
+        return super().forward(x) + (x @ self.down.T) @ self.up.T
+
+
+class LowRankMLP(nn.Module):
+    def __init__(self, features=6, hidden=8, classes=3):
+        super().__init__()
+        self.body = LowRankLinear(features, hidden)
+        self.head = nn.Linear(hidden, classes)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.body(x)))

@@ -49,3 +49,5 @@ def get(name: str, **options) -> Implementation:
 register("naive", "impls.naive:NaiveLoop")
 register("vmap", "impls.vmap:Vmap")
 register("hooks", "impls.hooks:Hooks")
+
+register("function", "impls.function:CustomFunction")

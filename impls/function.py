@@ -179,8 +179,7 @@ def _plan(side: Side) -> list[_Planned]:
         extra = sorted(set(owned) - set(_COVERED[base]))
         if extra:
             raise Unsupported(
-                f"'function' cannot account for parameter '{names[id(owned[extra[0]])]}' of "
-                f"{label}"
+                f"'function' cannot account for parameter '{names[id(owned[extra[0]])]}' of {label}"
             )
         rule = rule_for(module)
         if rule is None:
@@ -358,9 +357,7 @@ class CustomFunction(Implementation):
         right_names = {id(p): n for n, p in other.params.items()}
         right_uses = _uses(right_calls)
         by_name = {n: right_uses.get(id(p), []) for n, p in other.params.items()}
-        total = torch.zeros(
-            side.batch_size, other.batch_size, dtype=side.dtype, device=side.device
-        )
+        total = torch.zeros(side.batch_size, other.batch_size, dtype=side.dtype, device=side.device)
         for left in left_calls:
             partners = {
                 id(call): call

@@ -29,13 +29,20 @@ _DIRECT_FALLBACK = VmapFallback(recursive=False)
 
 
 class _ParameterUseWatch(TorchFunctionMode):
-    """Remember the first trainable parameter used while no hooked module covers it."""
+    """Remember the first trainable parameter used while no hooked module covers it, and offer
+    the torch calls made inside an intercepting rule's module to that rule.
+
+    ``active`` is a stack of (rule, uses) for the intercepting modules whose forward is running.
+    The mode lives on this thread's torch-function mode stack, so other threads are not seen.
+    """
 
     def __init__(self, names_by_id: dict[int, str], coverage: dict[int, int]):
         super().__init__()
         self.names_by_id = names_by_id
         self.coverage = coverage
         self.uncovered: str | None = None
+        self.active: list[tuple[LayerRule, list]] = []
+        self.create_graph = False
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -45,6 +52,11 @@ class _ParameterUseWatch(TorchFunctionMode):
                     key = id(x)
                     if key in self.names_by_id and not self.coverage[key]:
                         self.uncovered = self.names_by_id[key]
+        if self.active:
+            rule, uses = self.active[-1]
+            result = rule.intercept(func, args, kwargs, uses, self.create_graph)
+            if result is not NotImplemented:
+                return result
         return func(*args, **kwargs)
 
 
@@ -70,6 +82,7 @@ class LayerCapture:
         names_by_id = {id(p): n for n, p in params.items()}
         self._coverage: dict[int, int] = defaultdict(int)
         self._watch = _ParameterUseWatch(names_by_id, self._coverage)
+        self._watch.create_graph = create_graph
 
     # -- which modules are hooked, and with which rule --------------------------------------
 
@@ -133,14 +146,19 @@ class LayerCapture:
     def _hook(self, name, module, rule, wanted):
         keys = [id(p) for p in wanted.values()]
         coverage = self._coverage
+        active = self._watch.active
+        intercepts = rule.intercepts
 
         def before(module, args):
             for key in keys:
                 coverage[key] += 1
+            if intercepts:
+                active.append((rule, []))
 
         def after(module, args, kwargs, outputs):
             for key in keys:
                 coverage[key] -= 1
+            uses = active.pop()[1] if intercepts else []
             leaves, _ = tree_flatten(outputs)
             tensors = [x for x in leaves if isinstance(x, Tensor) and x.requires_grad]
             in_leaves, _ = tree_flatten((args, kwargs))
@@ -158,6 +176,7 @@ class LayerCapture:
                 create_graph=self.create_graph,
                 versions=versions,
                 edges=[get_gradient_edge(t) for t in tensors],
+                uses=uses,
             )
             self.calls.append(call)
 
@@ -167,19 +186,25 @@ class LayerCapture:
     # -- backward ------------------------------------------------------------------------------
 
     def backward(self, loss: Tensor) -> None:
-        """Fill each call's ``grad_outputs`` with d(loss)/d(output) (zeros where unused)."""
-        edges = [(call, k, e) for call in self.calls for k, e in enumerate(call.edges)]
+        """Fill each call's ``grad_outputs`` (and its linear uses' ``grad_output``) with
+        d(loss)/d(output), zeros where an output does not reach the loss.
+        """
+        edges = [e for call in self.calls for e in call.edges]
+        edges += [use.edge for call in self.calls for use in call.uses]
         grads = [None] * len(edges)
         if edges and loss.requires_grad:
             grads = torch.autograd.grad(
-                loss,
-                [e for _, _, e in edges],
-                allow_unused=True,
-                create_graph=self.create_graph,
+                loss, edges, allow_unused=True, create_graph=self.create_graph
             )
+        grads = iter(grads)
         for call in self.calls:
-            call.grad_outputs = [None] * len(call.output_tensors)
-        for (call, k, _), g in zip(edges, grads):
-            call.grad_outputs[k] = torch.zeros_like(call.output_tensors[k]) if g is None else g
+            call.grad_outputs = [
+                torch.zeros_like(t) if g is None else g
+                for t, g in zip(call.output_tensors, grads, strict=False)
+            ]
+        for call in self.calls:
+            for use in call.uses:
+                g = next(grads)
+                use.grad_output = torch.zeros_like(use.output) if g is None else g
         for call in self.calls:
             call.check_inputs_unchanged()

@@ -5,8 +5,8 @@ strategies (``impls/hooks.py`` ...) look rules up with :func:`rule_for` and neve
 math. A module with trainable parameters and no rule gets :class:`VmapFallback`.
 """
 
+from impls.layers import attention, conv, embedding, linear, norm  # noqa: F401  (registration)
 from impls.layers.base import LayerCall, LayerRule, register_rule, rule_for
-from impls.layers import linear, conv, embedding, norm, attention  # noqa: F401  (registration)
 from impls.layers.fallback import VmapFallback
 
 __all__ = ["LayerCall", "LayerRule", "VmapFallback", "register_rule", "rule_for"]

@@ -2,8 +2,11 @@
 
 Shapes use the project's einsum letters: n = batch, t/s = positions, i = input features,
 o = output features. A rule sees one :class:`LayerCall` (a module's inputs, outputs and the
-gradients of the summed per-example losses w.r.t. those outputs) and returns, for each of the
-module's parameters it was asked for, the per-example gradients Tensor[B, *param.shape].
+gradients of the summed per-example losses w.r.t. those outputs) and describes, for each of the
+module's parameters it was asked for, the per-example gradients: as factors
+(``impls.layers.factored``: an outer-product sum, token rows, or the dense Tensor[B, *shape]),
+from which the reductions (squared norms, inner products) choose the cheaper of the factored
+form and materialising.
 """
 
 from __future__ import annotations
@@ -14,6 +17,26 @@ from typing import Any
 from torch import Tensor, nn
 
 from impls.base import Unsupported
+from impls.layers import factored
+from impls.layers.factored import Dense, Factors
+
+
+@dataclass
+class LinearUse:
+    """One ``F.linear(input, weight, bias)`` run inside a module's forward, seen by the capture.
+
+    ``weight`` and ``bias`` are parameters of the module or row slices of them (views, as
+    MultiheadAttention's packed ``in_proj_weight.split(...)``); ``edge`` addresses ``output`` in
+    the autograd graph and ``grad_output`` is filled by the capture's backward.
+    """
+
+    input: Tensor
+    weight: Tensor
+    bias: Tensor | None
+    output: Tensor
+    edge: Any
+    version: int = 0  # input._version at the call
+    grad_output: Tensor | None = None
 
 
 @dataclass
@@ -33,6 +56,7 @@ class LayerCall:
     grad_outputs: list[Tensor] = field(default_factory=list)  # aligned with output_tensors
     versions: list[tuple[Tensor, int]] = field(default_factory=list)
     edges: list[Any] = field(default_factory=list)  # autograd gradient edges of output_tensors
+    uses: list[LinearUse] = field(default_factory=list)  # linear calls inside (intercepting rules)
 
     @property
     def input(self) -> Tensor:
@@ -59,6 +83,11 @@ class LayerCall:
                 raise Unsupported(
                     f"an input of module '{self.name}' was modified in place after its forward"
                 )
+        for use in self.uses:
+            if use.input._version != use.version:
+                raise Unsupported(
+                    f"an input of a projection inside '{self.name}' was modified in place"
+                )
 
 
 class LayerRule:
@@ -76,22 +105,46 @@ class LayerRule:
     def check(self, module: nn.Module, name: str) -> None:
         """Raise Unsupported when this module's configuration has no exact answer."""
 
+    #: whether the capture offers this rule the torch calls made inside its module's forward
+    intercepts: bool = False
+
+    def intercept(
+        self, func, args: tuple, kwargs: dict, uses: list[LinearUse], create_graph: bool
+    ) -> Any:
+        """Run ``func`` for the capture, appending the linear calls it makes to ``uses``; or
+        return ``NotImplemented`` to let it run as usual. Only called when ``intercepts``.
+        ``create_graph``: the results will be differentiated twice (pick kernels that can be).
+        """
+        return NotImplemented
+
+    def factors(self, call: LayerCall) -> dict[str, Factors]:
+        """Local name -> the per-example gradients of that parameter from this call, as factors.
+
+        Rules with a factored form override this; the default wraps :meth:`grad_samples`.
+        """
+        return {n: Dense(g) for n, g in self.grad_samples(call).items()}
+
     def grad_samples(self, call: LayerCall) -> dict[str, Tensor]:
         """Local name -> Tensor[B, *param.shape] for every name in ``call.wanted``."""
-        raise NotImplementedError
+        if type(self).factors is LayerRule.factors:
+            raise NotImplementedError(f"{type(self).__name__} defines no per-example gradients")
+        return {n: f.materialize() for n, f in self.factors(call).items()}
 
-    # Reductions that need no per-example gradient. Rules with a factored form override these;
-    # the defaults materialise. ``left`` and ``right`` are two calls of the same module type
-    # (possibly of two models, two batches, or two call sites of one tied parameter).
+    # Reductions that need no per-example gradient: each pair of factors is reduced by the
+    # cheaper of its factored form and materialising (``impls.layers.factored``). ``left`` and
+    # ``right`` are two calls of this rule (possibly of two models, two batches, or two call
+    # sites of one tied parameter).
 
     def squared_norms(self, call: LayerCall) -> dict[str, Tensor]:
         """Local name -> Tensor[B]: ‖example n's gradient from this call‖²."""
-        return {n: g.flatten(1).pow(2).sum(1) for n, g in self.grad_samples(call).items()}
+        return {n: f.squared_norms() for n, f in self.factors(call).items()}
 
     def inner(self, left: LayerCall, right: LayerCall) -> dict[str, Tensor]:
         """Local name -> Tensor[B, B']: ⟨left example n's gradient, right example m's⟩."""
-        a, b = self.grad_samples(left), self.grad_samples(right)
-        return {n: a[n].flatten(1) @ b[n].flatten(1).T for n in a if n in b}
+        same = left is right
+        a = self.factors(left)
+        b = a if same else self.factors(right)
+        return {n: factored.inner(a[n], b[n], same=same) for n in a if n in b}
 
 
 _RULES: dict[type[nn.Module], LayerRule] = {}

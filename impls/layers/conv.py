@@ -1,6 +1,7 @@
 """nn.Conv1d/2d/3d, any stride, padding (numbers, 'same', 'valid', any padding_mode),
 dilation and groups, through unfolding: the input becomes a [n, i = C_in/G·∏k, t] matrix per
-group (t = output positions) and the layer is a Linear per group applied at every position.
+group (t = output positions) and the layer is a Linear per group applied at every position,
+with the Linear's factored forms (T = output positions, i = C_in/G·∏k, o = C_out/G).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from impls.layers.base import LayerRule, register_rule
+from impls.layers.factored import Dense, Outer
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
@@ -24,7 +26,7 @@ def explicit_padding(module: nn.modules.conv._ConvNd, a: torch.Tensor) -> torch.
         return a
     if module.padding == "same":
         pads = []
-        for d, k in zip(reversed(module.dilation), reversed(module.kernel_size)):
+        for d, k in zip(reversed(module.dilation), reversed(module.kernel_size), strict=True):
             total = d * (k - 1)
             pads += [total // 2, total - total // 2]
         return F.pad(a, pads)
@@ -51,21 +53,24 @@ def unfold(module: nn.modules.conv._ConvNd, a: torch.Tensor) -> torch.Tensor:
 
 
 class ConvRule(LayerRule):
+    """Per group, the unfolded convolution is a Linear applied at every output position:
+    weight factors rows g [n, G, t, o/G], cols patches [n, G, t, C_in/G·∏k].
+    """
+
     types = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
-    def grad_samples(self, call):
+    def factors(self, call):
         module = call.module
         n, groups = call.batch_size, module.groups
         out = {}
         g = call.grad_output.flatten(2)  # [n, o, t]
         if "weight" in call.wanted:
             a = unfold(module, call.input)  # [n, i, t]
-            a = a.reshape(n, groups, -1, a.shape[-1])
-            gg = g.reshape(n, groups, -1, g.shape[-1])
-            weight = gg @ a.transpose(2, 3)  # [n, G, o/G, i/G]
-            out["weight"] = weight.reshape(n, *module.weight.shape)
+            rows = g.reshape(n, groups, -1, g.shape[-1]).transpose(2, 3)
+            cols = a.reshape(n, groups, -1, a.shape[-1]).transpose(2, 3)
+            out["weight"] = Outer(rows, cols, module.weight.shape)
         if "bias" in call.wanted:
-            out["bias"] = g.sum(2)
+            out["bias"] = Dense(g.sum(2))
         return out
 
 

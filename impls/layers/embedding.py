@@ -1,7 +1,10 @@
 """nn.Embedding: indices x [n, *], output gradients g [n, *, D].
 
 ∇E ℓ_n = Σ_t e_{x_nt} g_ntᵀ: each position adds its gradient to its token's row; the row of
-``padding_idx`` gets nothing.
+``padding_idx`` gets nothing. Kept as token rows (``Indexed``): norms sum each example's
+gradients per distinct token (O(T·D), no vocabulary-sized tensor), inner products pair the
+entries of equal tokens — Σ_{t,s}[x_nt = x'_ms](g_nt·g'_ms) — or materialise when the
+vocabulary is small.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from torch import nn
 
 from impls.base import Unsupported
 from impls.layers.base import LayerRule, register_rule
+from impls.layers.factored import Indexed
 
 
 class EmbeddingRule(LayerRule):
@@ -24,16 +28,19 @@ class EmbeddingRule(LayerRule):
                 f"nn.Embedding '{name}' with scale_grad_by_freq scales by batch-wide counts"
             )
 
-    def grad_samples(self, call):
+    def factors(self, call):
         module = call.module
+        if "weight" not in call.wanted:
+            return {}
         n = call.batch_size
         index = call.input.reshape(n, -1)  # [n, t]
         g = call.grad_output.reshape(n, index.shape[1], -1)  # [n, t, D]
+        example = torch.arange(n, device=index.device).repeat_interleave(index.shape[1])
+        row, values = index.reshape(-1), g.reshape(-1, g.shape[-1])
         if module.padding_idx is not None:
-            g = g.masked_fill((index == module.padding_idx).unsqueeze(-1), 0)
-        weight = torch.zeros(n, *module.weight.shape, dtype=g.dtype, device=g.device)
-        weight = weight.scatter_add(1, index.unsqueeze(-1).expand_as(g), g)
-        return {"weight": weight}
+            keep = row != module.padding_idx
+            example, row, values = example[keep], row[keep], values[keep]
+        return {"weight": Indexed(example, row, values, n, module.num_embeddings)}
 
 
 register_rule(EmbeddingRule())

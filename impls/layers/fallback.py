@@ -58,25 +58,25 @@ class VmapFallback(LayerRule):
         batched_out = [_tensor_batch_dim(module, k, output_leaves[k], n) for k in keep]
         if any(d is None for d in batched_out):
             raise Unsupported(f"vmap fallback for '{call.name}': an output has no batch dimension")
-        params = {
-            name: (p if create_graph else p.detach()) for name, p in call.wanted.items()
-        }
+        params = {name: (p if create_graph else p.detach()) for name, p in call.wanted.items()}
         grad_outputs = call.grad_outputs
 
         def contribution(params, batched_leaves, grad_outputs):
             full = list(leaves)
-            for k, (d, leaf) in enumerate(zip(dims, batched_leaves)):
+            for k, (d, leaf) in enumerate(zip(dims, batched_leaves, strict=True)):
                 if d is not None:
                     full[k] = leaf.unsqueeze(d)
             args, kwargs = tree_unflatten(full, spec)
             outputs = functional_call(module, params, args, kwargs, strict=False)
             out_leaves = _all_output_leaves(outputs)
             total = 0
-            for k, g, d in zip(keep, grad_outputs, batched_out):
+            for k, g, d in zip(keep, grad_outputs, batched_out, strict=False):
                 total = total + (out_leaves[k].squeeze(d) * g).sum()
             return total
 
-        batched_leaves = [leaf if d is not None else None for leaf, d in zip(leaves, dims)]
+        batched_leaves = [
+            leaf if d is not None else None for leaf, d in zip(leaves, dims, strict=True)
+        ]
         in_dims = (None, dims, batched_out)
         per_example = vmap(grad(contribution), in_dims=in_dims)
         return per_example(params, batched_leaves, list(grad_outputs))

@@ -1,6 +1,10 @@
 """nn.Linear with any number of leading dimensions: a [n, *, i], g [n, *, o].
 
 ∇W ℓ_n = Σ_t g_nt a_ntᵀ (o × i);  ∇b ℓ_n = Σ_t g_nt.
+
+The weight's per-example gradients stay factored (``Outer``: rows g, cols a); the reductions
+choose between Σ_{t,s}(a_nt·a'_ms)(g_nt·g'_ms) and materialising by cost. The bias is small:
+materialised.
 """
 
 from __future__ import annotations
@@ -8,6 +12,7 @@ from __future__ import annotations
 from torch import nn
 
 from impls.layers.base import LayerRule, register_rule
+from impls.layers.factored import Dense, Outer
 
 
 def flatten_positions(x, batch_size):
@@ -15,18 +20,23 @@ def flatten_positions(x, batch_size):
     return x.reshape(batch_size, -1, x.shape[-1])
 
 
+def linear_factors(a, g, weight_shape, wanted, weight="weight", bias="bias"):
+    """Factors of ``F.linear`` with input a [n, t, i] and output gradient g [n, t, o]."""
+    out = {}
+    if weight in wanted:
+        out[weight] = Outer(g.unsqueeze(1), a.unsqueeze(1), weight_shape)
+    if bias in wanted:
+        out[bias] = Dense(g.sum(1))
+    return out
+
+
 class LinearRule(LayerRule):
     types = (nn.Linear,)
 
-    def grad_samples(self, call):
+    def factors(self, call):
         a = flatten_positions(call.input, call.batch_size)
         g = flatten_positions(call.grad_output, call.batch_size)
-        out = {}
-        if "weight" in call.wanted:
-            out["weight"] = g.transpose(1, 2) @ a  # [n, o, t] @ [n, t, i]
-        if "bias" in call.wanted:
-            out["bias"] = g.sum(1)
-        return out
+        return linear_factors(a, g, call.module.weight.shape, call.wanted)
 
 
 register_rule(LinearRule())

@@ -1,5 +1,6 @@
 """Affine parameters of LayerNorm, RMSNorm and GroupNorm: with x̂ the normalised input,
-∇w ℓ_n = Σ_positions g_n ⊙ x̂_n and ∇b ℓ_n = Σ_positions g_n.
+∇w ℓ_n = Σ_positions g_n ⊙ x̂_n and ∇b ℓ_n = Σ_positions g_n. The parameters are small:
+materialised (``Dense``).
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from impls.layers.base import LayerRule, register_rule
+from impls.layers.factored import Dense
 
 
 class LastDimsNormRule(LayerRule):
@@ -15,7 +17,7 @@ class LastDimsNormRule(LayerRule):
 
     types = (nn.LayerNorm, nn.RMSNorm)
 
-    def grad_samples(self, call):
+    def factors(self, call):
         module = call.module
         a = call.input
         shape = tuple(module.normalized_shape)
@@ -26,24 +28,24 @@ class LastDimsNormRule(LayerRule):
         g = call.grad_output.reshape(call.batch_size, -1, *shape)
         out = {}
         if "weight" in call.wanted:
-            out["weight"] = (g * normalised.reshape(g.shape)).sum(1)
+            out["weight"] = Dense((g * normalised.reshape(g.shape)).sum(1))
         if "bias" in call.wanted:
-            out["bias"] = g.sum(1)
+            out["bias"] = Dense(g.sum(1))
         return out
 
 
 class GroupNormRule(LayerRule):
     types = (nn.GroupNorm,)
 
-    def grad_samples(self, call):
+    def factors(self, call):
         module = call.module
         normalised = F.group_norm(call.input, module.num_groups, eps=module.eps)
         g = call.grad_output
         out = {}
         if "weight" in call.wanted:
-            out["weight"] = (g * normalised).flatten(2).sum(2)
+            out["weight"] = Dense((g * normalised).flatten(2).sum(2))
         if "bias" in call.wanted:
-            out["bias"] = g.flatten(2).sum(2)
+            out["bias"] = Dense(g.flatten(2).sum(2))
         return out
 
 

@@ -1,0 +1,529 @@
+"""Per-example gradients of one parameter kept as factors, and the reductions between two.
+
+A rule describes example n's gradient of one parameter, from one call, as one of
+
+- :class:`Dense`:   values [n, *shape], the gradient itself (small parameters, vmap fallback);
+- :class:`Outer`:   Σ_t rows_nt cols_ntᵀ per group: rows [n, G, t, o], cols [n, G, t, i]
+  (Linear: G = 1, rows = output gradients g, cols = inputs a; Conv: unfolded patches per
+  group), placed at rows ``row_start`` of a larger parameter (MultiheadAttention's packed
+  in_proj_weight) when asked;
+- :class:`Indexed`: Σ_p e_{row_p} values_pᵀ over the entries p of example n (Embedding: one
+  entry per non-padding position).
+
+:func:`inner` (Tensor[n, n'], two batches) and :func:`diagonal` (Tensor[n], two factors of one
+batch: the cross term of a parameter used at two places) choose per pair and per quantity between
+the factored form and materialising, by the cost model :data:`COSTS`. Between a Linear's factors
+the factored form is ⟨∇W ℓ_n, ∇W ℓ'_m⟩ = Σ_{t,s} (a_nt·a'_ms)(g_nt·g'_ms).
+
+The sum of several uses of one parameter is :func:`combine`: the uses that share a form are
+merged (the same layer called twice: positions concatenated), the rest form a :class:`Sum`
+whose reductions add the cross terms between its parts.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+# -- the cost model ----------------------------------------------------------------------------
+
+
+@dataclass
+class Costs:
+    """Relative seconds per multiply-add of each kind of work (measured: impls/tests/perf_ghost).
+
+    ``gemm``: one large matrix product; ``bmm``: many small products (per example);
+    ``elementwise``: a streaming pass (squares, products, sums, zero fills); ``gather``: indexed
+    reads and scattered adds.
+    """
+
+    gemm: float = 1.0
+    bmm: float = 1.5
+    elementwise: float = 4.0
+    gather: float = 16.0
+
+
+COSTS = Costs()
+
+#: largest intermediate (elements) a reduction builds at once; bigger work is chunked
+CHUNK_ELEMENTS = 1 << 24
+
+
+def _chunks(total: int, per_item: int):
+    """Ranges over ``total`` items such that ``per_item`` elements each fit one chunk."""
+    step = max(1, CHUNK_ELEMENTS // max(1, per_item))
+    for start in range(0, total, step):
+        yield start, min(total, start + step)
+
+
+# -- the factor kinds ---------------------------------------------------------------------------
+
+
+class Factors:
+    """Example n's gradient of one parameter (Tensor[*shape]) for n in the batch, unevaluated."""
+
+    batch_size: int
+    shape: torch.Size
+
+    def materialize(self) -> Tensor:
+        """Tensor[n, *shape]: every example's gradient."""
+        raise NotImplementedError
+
+    def squared_norms(self) -> Tensor:
+        """Tensor[n]: ‖example n's gradient‖²."""
+        return self.materialize().flatten(1).pow(2).sum(1)
+
+
+@dataclass(eq=False)
+class Dense(Factors):
+    values: Tensor  # [n, *shape]
+
+    @property
+    def batch_size(self) -> int:
+        return self.values.shape[0]
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.values.shape[1:]
+
+    def materialize(self) -> Tensor:
+        return self.values
+
+    def squared_norms(self) -> Tensor:
+        return self.values.flatten(1).pow(2).sum(1)
+
+
+@dataclass(eq=False)
+class Outer(Factors):
+    """Σ_t rows_nt cols_ntᵀ per group g, rows [n, G, t, o], cols [n, G, t, i].
+
+    The gradient of group g fills rows g·o .. (g+1)·o of ``weight.flatten(1)`` (the layout of a
+    grouped convolution's weight), starting at parameter row ``row_start``; other rows are zero.
+    """
+
+    rows: Tensor
+    cols: Tensor
+    shape: torch.Size
+    row_start: int = 0
+
+    def __post_init__(self):
+        if self.rows.shape[:3] != self.cols.shape[:3]:
+            raise ValueError(f"factor shapes differ: {self.rows.shape} vs {self.cols.shape}")
+        self.shape = torch.Size(self.shape)
+
+    @property
+    def batch_size(self) -> int:
+        return self.rows.shape[0]
+
+    @property
+    def groups(self) -> int:
+        return self.rows.shape[1]
+
+    @property
+    def positions(self) -> int:
+        return self.rows.shape[2]
+
+    @property
+    def features(self) -> tuple[int, int]:
+        """(o, i): output and input features per group."""
+        return self.rows.shape[3], self.cols.shape[3]
+
+    @property
+    def full(self) -> bool:
+        """Whether the factors cover every row of the parameter."""
+        return self.row_start == 0 and self.groups * self.features[0] == self.shape[0]
+
+    def block(self, start: int = 0, stop: int | None = None) -> Tensor:
+        """Examples start..stop-1 materialised as [n, G, i, o] (each group's gradient, transposed).
+
+        [n, i, t] @ [n, t, o] is the faster orientation of the batched product on CPU; the
+        reductions only need a layout both sides share.
+        """
+        cols, rows = self.cols[start:stop], self.rows[start:stop]
+        return cols.transpose(2, 3) @ rows
+
+    def squared_norms(self) -> Tensor:
+        return _outer_diagonal(self, self)
+
+    def materialize(self) -> Tensor:
+        n = self.batch_size
+        blocks = (self.rows.transpose(2, 3) @ self.cols).reshape(n, -1, self.features[1])
+        if self.full:
+            return blocks.reshape(n, *self.shape)
+        height = self.shape[0]
+        inner = math.prod(self.shape[1:])
+        top, bottom = self.row_start, height - self.row_start - blocks.shape[1]
+        padded = torch.nn.functional.pad(blocks.reshape(n, -1, inner), (0, 0, top, bottom))
+        return padded.reshape(n, *self.shape)
+
+
+@dataclass(eq=False)
+class Indexed(Factors):
+    """Σ_p e_{row_p} values_pᵀ over the entries p with ``example_p = n``.
+
+    example [P] and row [P] (long), values [P, d]; the parameter is [num_rows, d].
+    """
+
+    example: Tensor
+    row: Tensor
+    values: Tensor
+    batch_size: int
+    num_rows: int
+
+    def __post_init__(self):
+        self._aggregated = None
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.num_rows, self.values.shape[-1]))
+
+    @property
+    def keys(self) -> Tensor:
+        return self.example * self.num_rows + self.row
+
+    def materialize(self) -> Tensor:
+        n, v, d = self.batch_size, self.num_rows, self.values.shape[-1]
+        flat = self.values.new_zeros(n * v, d).index_add(0, self.keys, self.values)
+        return flat.reshape(n, v, d)
+
+    def aggregated(self) -> tuple[Tensor, Tensor, Tensor]:
+        """(example [K], row [K], values [K, d]): entries with equal (example, row) summed."""
+        if self._aggregated is None:
+            unique, inverse = torch.unique(self.keys, return_inverse=True)
+            values = self.values.new_zeros(unique.shape[0], self.values.shape[-1])
+            values = values.index_add(0, inverse, self.values)
+            self._aggregated = (unique // self.num_rows, unique % self.num_rows, values)
+        return self._aggregated
+
+    def squared_norms(self) -> Tensor:
+        n, entries, d = self.batch_size, self.values.shape[0], self.values.shape[-1]
+        if n * self.num_rows <= 4 * entries:  # a dense [n·V, d] buffer is no bigger than 4·P·d
+            flat = self.values.new_zeros(n * self.num_rows, d).index_add(0, self.keys, self.values)
+            return flat.pow(2).sum(1).reshape(n, self.num_rows).sum(1)
+        example, _, values = self.aggregated()
+        return values.new_zeros(n).index_add(0, example, values.pow(2).sum(1))
+
+
+@dataclass(eq=False)
+class Sum(Factors):
+    """Σ_k parts_k: one parameter used at several places whose factors cannot be merged."""
+
+    parts: list[Factors]
+
+    @property
+    def batch_size(self) -> int:
+        return self.parts[0].batch_size
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.parts[0].shape
+
+    def materialize(self) -> Tensor:
+        return sum(p.materialize() for p in self.parts)
+
+    def squared_norms(self) -> Tensor:
+        # ‖Σ_k F_k‖² = Σ_k ‖F_k‖² + 2 Σ_{k<l} ⟨F_k, F_l⟩ per example
+        total = None
+        for k, f in enumerate(self.parts):
+            value = f.squared_norms()
+            for g in self.parts[k + 1 :]:
+                value = value + 2 * diagonal(f, g)
+            total = value if total is None else total + value
+        return total
+
+
+# -- pairwise reductions ------------------------------------------------------------------------
+
+
+def inner(left: Factors, right: Factors, *, same: bool = False) -> Tensor:
+    """Tensor[n, n']: ⟨left example n's gradient, right example m's⟩.
+
+    ``same``: ``left is right`` (a Gram matrix); the result is symmetric and computed so.
+    """
+    if isinstance(left, Sum) and same:
+        total = None
+        for k, f in enumerate(left.parts):
+            value = inner(f, f, same=True)
+            for g in left.parts[k + 1 :]:
+                cross = inner(f, g)
+                value = value + cross + cross.T
+            total = value if total is None else total + value
+        return total
+    if isinstance(left, Sum):
+        return sum(inner(f, right) for f in left.parts)
+    if isinstance(right, Sum):
+        return sum(inner(left, g) for g in right.parts)
+    if isinstance(left, Outer) and isinstance(right, Outer):
+        return _outer_inner(left, right, same)
+    if isinstance(left, Indexed) and isinstance(right, Indexed):
+        return _indexed_inner(left, right, same)
+    if isinstance(left, Indexed) and isinstance(right, Outer) and _tied_ok(right):
+        return _indexed_outer_inner(left, right)
+    if isinstance(left, Outer) and isinstance(right, Indexed) and _tied_ok(left):
+        return _indexed_outer_inner(right, left).T
+    return gram(left.materialize().flatten(1), None if same else right.materialize().flatten(1))
+
+
+def diagonal(left: Factors, right: Factors) -> Tensor:
+    """Tensor[n]: ⟨left example n's gradient, right example n's⟩ (two factors of one batch)."""
+    if left.batch_size != right.batch_size:
+        raise ValueError("diagonal() needs two factors of the same batch")
+    if left is right:
+        return left.squared_norms()
+    if isinstance(left, Sum):
+        return sum(diagonal(f, right) for f in left.parts)
+    if isinstance(right, Sum):
+        return sum(diagonal(left, g) for g in right.parts)
+    if isinstance(left, Outer) and isinstance(right, Outer):
+        return _outer_diagonal(left, right)
+    if isinstance(left, Indexed) and isinstance(right, Indexed):
+        return _indexed_diagonal(left, right)
+    if isinstance(left, Indexed) and isinstance(right, Outer) and _tied_ok(right):
+        return _indexed_outer_diagonal(left, right)
+    if isinstance(left, Outer) and isinstance(right, Indexed) and _tied_ok(left):
+        return _indexed_outer_diagonal(right, left)
+    return (left.materialize().flatten(1) * right.materialize().flatten(1)).sum(1)
+
+
+def gram(x: Tensor, y: Tensor | None = None) -> Tensor:
+    """x [n, D] @ y [n', D]ᵀ; with ``y=None`` the symmetric x xᵀ, forming only the blocks on and
+    above the diagonal (about (k+1)/2k of the products for k blocks).
+    """
+    if y is not None:
+        return x @ y.T
+    n = x.shape[0]
+    blocks = min(4, n // 32)
+    if blocks < 2:
+        return x @ x.T
+    bounds = [n * k // blocks for k in range(blocks + 1)]
+    parts = [x[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    tiles = [[None] * blocks for _ in range(blocks)]
+    for k, xk in enumerate(parts):
+        for j in range(k, blocks):
+            tiles[k][j] = xk @ parts[j].T
+            if j != k:
+                tiles[j][k] = tiles[k][j].T
+    return torch.cat([torch.cat(row, 1) for row in tiles], 0)
+
+
+# -- Outer x Outer ------------------------------------------------------------------------------
+
+
+def _row_overlap(left: Outer, right: Outer) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
+    """The two factors restricted to the parameter rows both cover, as (rows, cols) pairs."""
+    same_layout = left.row_start == right.row_start and left.groups == right.groups
+    if same_layout and left.features[0] == right.features[0]:
+        return left.rows, left.cols, right.rows, right.cols
+    if left.groups != 1 or right.groups != 1:
+        return None  # grouped factors of different layouts: the caller materialises
+    lo = max(left.row_start, right.row_start)
+    hi = min(left.row_start + left.features[0], right.row_start + right.features[0])
+    if hi <= lo:
+        return left.rows[..., :0], left.cols, right.rows[..., :0], right.cols
+    ls, rs = lo - left.row_start, lo - right.row_start
+    width = hi - lo
+    return left.rows[..., ls : ls + width], left.cols, right.rows[..., rs : rs + width], right.cols
+
+
+def _outer_diagonal(left: Outer, right: Outer) -> Tensor:
+    overlap = _row_overlap(left, right)
+    if overlap is None:
+        return (left.materialize().flatten(1) * right.materialize().flatten(1)).sum(1)
+    rows_l, cols_l, rows_r, cols_r = overlap
+    n, groups, t, o = rows_l.shape
+    s, i = rows_r.shape[2], cols_l.shape[3]
+    if o == 0:
+        return rows_l.new_zeros(n)
+    same = left is right
+    if t == 1 and s == 1:
+        # Goodfellow: ⟨g aᵀ, g' a'ᵀ⟩ = (a·a')(g·g')
+        if same:
+            products = cols_l.pow(2).sum(-1) * rows_l.pow(2).sum(-1)
+        else:
+            products = (cols_l * cols_r).sum(-1) * (rows_l * rows_r).sum(-1)
+        return products.flatten(1).sum(1)
+    factored = n * groups * t * s * ((i + o) * COSTS.bmm + COSTS.elementwise)
+    build = (t if same else t + s) * COSTS.bmm + COSTS.elementwise
+    materialised = n * groups * i * o * build
+    if factored <= materialised:
+        out = []
+        for a, b in _chunks(n, groups * t * s):
+            cols = cols_l[a:b] @ cols_r[a:b].transpose(2, 3)  # [n, G, t, s]
+            rows = rows_l[a:b] @ rows_r[a:b].transpose(2, 3)
+            out.append((cols * rows).flatten(1).sum(1))
+        return torch.cat(out)
+    out = []
+    for a, b in _chunks(n, groups * i * o * (1 if same else 2)):
+        block_l = cols_l[a:b].transpose(2, 3) @ rows_l[a:b]  # [n, G, i, o]
+        if same:
+            out.append(block_l.pow(2).flatten(1).sum(1))
+        else:
+            block_r = cols_r[a:b].transpose(2, 3) @ rows_r[a:b]
+            out.append((block_l * block_r).flatten(1).sum(1))
+    return torch.cat(out)
+
+
+def _outer_inner(left: Outer, right: Outer, same: bool) -> Tensor:
+    overlap = _row_overlap(left, right)
+    if overlap is None:
+        return gram(left.materialize().flatten(1), None if same else right.materialize().flatten(1))
+    rows_l, cols_l, rows_r, cols_r = overlap
+    n, groups, t, o = rows_l.shape
+    m, s, i = rows_r.shape[0], rows_r.shape[2], cols_l.shape[3]
+    if o == 0:
+        return rows_l.new_zeros(n, m)
+    factored = n * m * groups * t * s * ((i + o) * COSTS.gemm + COSTS.elementwise)
+    build = (n * t if same else n * t + m * s) * COSTS.bmm
+    products = n * m * (0.7 if same else 1.0) * COSTS.gemm
+    materialised = groups * i * o * (build + products)
+    if factored <= materialised:
+        return _outer_inner_factored(rows_l, cols_l, rows_r, cols_r)
+    if same:
+        return gram(left.block().flatten(1))
+    return gram(
+        (cols_l.transpose(2, 3) @ rows_l).flatten(1), (cols_r.transpose(2, 3) @ rows_r).flatten(1)
+    )
+
+
+def _outer_inner_factored(rows_l, cols_l, rows_r, cols_r) -> Tensor:
+    """Σ_g Σ_{t,s} (a_nt·a'_ms)(g_nt·g'_ms) as [n, m]; chunked over the left examples."""
+    n, groups, t, o = rows_l.shape
+    m, s = rows_r.shape[0], rows_r.shape[2]
+    if t == 1 and s == 1 and groups == 1:
+        return (cols_l[:, 0, 0] @ cols_r[:, 0, 0].T) * (rows_l[:, 0, 0] @ rows_r[:, 0, 0].T)
+    # [G, m·s, f]: all right positions of a group as one matrix
+    right_cols = cols_r.permute(1, 0, 2, 3).reshape(groups, m * s, -1)
+    right_rows = rows_r.permute(1, 0, 2, 3).reshape(groups, m * s, -1)
+    out = []
+    for a, b in _chunks(n, groups * t * m * s):
+        left_cols = cols_l[a:b].permute(1, 0, 2, 3).reshape(groups, (b - a) * t, -1)
+        left_rows = rows_l[a:b].permute(1, 0, 2, 3).reshape(groups, (b - a) * t, -1)
+        products = left_cols @ right_cols.transpose(1, 2)
+        products = products * (left_rows @ right_rows.transpose(1, 2))
+        out.append(products.reshape(groups, b - a, t, m, s).sum((0, 2, 4)))
+    return torch.cat(out)
+
+
+# -- Indexed x Indexed --------------------------------------------------------------------------
+
+
+def _indexed_diagonal(left: Indexed, right: Indexed) -> Tensor:
+    keys_l, keys_r = left.keys, right.keys
+    unique, inverse = torch.unique(torch.cat([keys_l, keys_r]), return_inverse=True)
+    d = left.values.shape[-1]
+    sums_l = left.values.new_zeros(unique.shape[0], d).index_add(
+        0, inverse[: keys_l.shape[0]], left.values
+    )
+    sums_r = left.values.new_zeros(unique.shape[0], d).index_add(
+        0, inverse[keys_l.shape[0] :], right.values
+    )
+    products = (sums_l * sums_r).sum(1)
+    return products.new_zeros(left.batch_size).index_add(0, unique // left.num_rows, products)
+
+
+def _indexed_inner(left: Indexed, right: Indexed, same: bool) -> Tensor:
+    """Σ_v ⟨rows of token v in n, in m⟩: by pairs of entries with the same row, or dense."""
+    n, m, v, d = left.batch_size, right.batch_size, left.num_rows, left.values.shape[-1]
+    ex_l, row_l, val_l = left.aggregated()
+    ex_r, row_r, val_r = (ex_l, row_l, val_l) if same else right.aggregated()
+    counts_r = torch.bincount(row_r, minlength=v)
+    pairs = int(counts_r[row_l].sum())
+    by_pairs = pairs * d * COSTS.gather
+    dense = (n * v * d + (0 if same else m * v * d)) * COSTS.elementwise
+    dense += n * m * v * d * (0.7 if same else 1.0) * COSTS.gemm
+    if dense <= by_pairs:
+        return gram(left.materialize().flatten(1), None if same else right.materialize().flatten(1))
+    # every (p, q) with row_p = row_q: sort the right entries by row, pair each left entry with
+    # the run of its row
+    order = torch.argsort(row_r)
+    starts = torch.cumsum(counts_r, 0) - counts_r
+    runs = counts_r[row_l]  # [K]: partners of each left entry
+    out = val_l.new_zeros(n * m)
+    first = torch.cumsum(runs, 0) - runs
+    for a, b in _chunks(len(runs), int(runs.max()) * d if len(runs) else 1):
+        chunk_runs = runs[a:b]
+        p = torch.repeat_interleave(torch.arange(a, b, device=runs.device), chunk_runs)
+        offset = torch.arange(p.shape[0], device=runs.device) - torch.repeat_interleave(
+            first[a:b] - first[a], chunk_runs
+        )
+        q = order[starts[row_l[p]] + offset]
+        dots = (val_l[p] * val_r[q]).sum(1)
+        out = out.index_add(0, ex_l[p] * m + ex_r[q], dots)
+    return out.reshape(n, m)
+
+
+# -- Indexed x Outer (an Embedding tied to a Linear decoder) -------------------------------------
+
+
+def _tied_ok(outer: Outer) -> bool:
+    return outer.groups == 1 and outer.full and len(outer.shape) == 2
+
+
+def _indexed_outer_diagonal(left: Indexed, right: Outer) -> Tensor:
+    """Σ_p Σ_s g_{n,s}[row_p] (values_p·a_{n,s}) over the entries p of example n."""
+    rows, cols = right.rows[:, 0], right.cols[:, 0]  # [n, s, V], [n, s, d]
+    out = left.values.new_zeros(left.batch_size)
+    entries, s, d = left.values.shape[0], cols.shape[1], cols.shape[2]
+    for a, b in _chunks(entries, s * d):
+        ex, row = left.example[a:b], left.row[a:b]
+        dots = (cols[ex] @ left.values[a:b].unsqueeze(-1)).squeeze(-1)  # [p, s]
+        weights = rows[ex, :, row]  # [p, s]: g_{n,s}[row_p]
+        out = out.index_add(0, ex, (dots * weights).sum(1))
+    return out
+
+
+def _indexed_outer_inner(left: Indexed, right: Outer) -> Tensor:
+    """Σ_p Σ_s g'_{m,s}[row_p] (values_p·a'_{m,s}) as [n, m]."""
+    rows, cols = right.rows[:, 0], right.cols[:, 0]  # [m, s, V], [m, s, d]
+    m, s = cols.shape[0], cols.shape[1]
+    flat_cols = cols.reshape(m * s, -1)
+    flat_rows = rows.reshape(m * s, -1)
+    out = left.values.new_zeros(left.batch_size, m)
+    for a, b in _chunks(left.values.shape[0], m * s):
+        dots = left.values[a:b] @ flat_cols.T  # [p, m·s]
+        weights = flat_rows[:, left.row[a:b]].T  # [p, m·s]
+        out = out.index_add(0, left.example[a:b], (dots * weights).reshape(b - a, m, s).sum(2))
+    return out
+
+
+# -- several uses of one parameter --------------------------------------------------------------
+
+
+def combine(factors: list[Factors]) -> Factors:
+    """The sum of the uses of one parameter. Uses that share a form are merged (Outer with the
+    same groups, features and rows, and Indexed: positions concatenated; Dense: added); the
+    rest stay parts of a :class:`Sum`, whose reductions add the cross terms.
+    """
+    merged: list[Factors] = []
+    for f in factors:
+        for part in f.parts if isinstance(f, Sum) else [f]:
+            for k, g in enumerate(merged):
+                joined = _join(g, part)
+                if joined is not None:
+                    merged[k] = joined
+                    break
+            else:
+                merged.append(part)
+    return merged[0] if len(merged) == 1 else Sum(merged)
+
+
+def _join(a: Factors, b: Factors) -> Factors | None:
+    if isinstance(a, Dense) and isinstance(b, Dense):
+        return Dense(a.values + b.values)
+    if isinstance(a, Outer) and isinstance(b, Outer):
+        if a.row_start == b.row_start and a.groups == b.groups and a.features == b.features:
+            rows, cols = torch.cat([a.rows, b.rows], 2), torch.cat([a.cols, b.cols], 2)
+            return Outer(rows, cols, a.shape, a.row_start)
+        return None
+    if isinstance(a, Indexed) and isinstance(b, Indexed) and a.num_rows == b.num_rows:
+        return Indexed(
+            torch.cat([a.example, b.example]),
+            torch.cat([a.row, b.row]),
+            torch.cat([a.values, b.values]),
+            a.batch_size,
+            a.num_rows,
+        )
+    return None

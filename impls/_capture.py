@@ -14,6 +14,7 @@ in-place op (``ReLU(inplace=True)``) does not shift which tensor's gradient is r
 
 from __future__ import annotations
 
+import threading
 from collections import defaultdict
 
 import torch
@@ -148,14 +149,21 @@ class LayerCapture:
         coverage = self._coverage
         active = self._watch.active
         intercepts = rule.intercepts
+        # the hooks sit on the caller's modules, which other threads may run meanwhile: only
+        # this thread's calls are recorded
+        owner = threading.get_ident()
 
         def before(module, args):
+            if threading.get_ident() != owner:
+                return
             for key in keys:
                 coverage[key] += 1
             if intercepts:
                 active.append((rule, []))
 
         def after(module, args, kwargs, outputs):
+            if threading.get_ident() != owner:
+                return
             for key in keys:
                 coverage[key] -= 1
             uses = active.pop()[1] if intercepts else []

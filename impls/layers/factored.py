@@ -44,6 +44,13 @@ class Costs:
     bmm: float = 1.5
     elementwise: float = 4.0
     gather: float = 16.0
+    #: "factored" or "materialised" overrides the choice (for measurements and tests)
+    force: str | None = None
+
+    def factored_is_cheaper(self, factored: float, materialised: float) -> bool:
+        if self.force is not None:
+            return self.force == "factored"
+        return factored <= materialised
 
 
 COSTS = Costs()
@@ -200,7 +207,8 @@ class Indexed(Factors):
 
     def squared_norms(self) -> Tensor:
         n, entries, d = self.batch_size, self.values.shape[0], self.values.shape[-1]
-        if n * self.num_rows <= 4 * entries:  # a dense [n·V, d] buffer is no bigger than 4·P·d
+        # a dense [n·V, d] buffer, or sorting the P entries' keys (counted as 4·P·d)
+        if not COSTS.factored_is_cheaper(4 * entries, n * self.num_rows):
             flat = self.values.new_zeros(n * self.num_rows, d).index_add(0, self.keys, self.values)
             return flat.pow(2).sum(1).reshape(n, self.num_rows).sum(1)
         example, _, values = self.aggregated()
@@ -348,7 +356,7 @@ def _outer_diagonal(left: Outer, right: Outer) -> Tensor:
     factored = n * groups * t * s * ((i + o) * COSTS.bmm + COSTS.elementwise)
     build = (t if same else t + s) * COSTS.bmm + COSTS.elementwise
     materialised = n * groups * i * o * build
-    if factored <= materialised:
+    if COSTS.factored_is_cheaper(factored, materialised):
         out = []
         for a, b in _chunks(n, groups * t * s):
             cols = cols_l[a:b] @ cols_r[a:b].transpose(2, 3)  # [n, G, t, s]
@@ -379,7 +387,7 @@ def _outer_inner(left: Outer, right: Outer, same: bool) -> Tensor:
     build = (n * t if same else n * t + m * s) * COSTS.bmm
     products = n * m * (0.7 if same else 1.0) * COSTS.gemm
     materialised = groups * i * o * (build + products)
-    if factored <= materialised:
+    if COSTS.factored_is_cheaper(factored, materialised):
         return _outer_inner_factored(rows_l, cols_l, rows_r, cols_r)
     if same:
         return gram(left.block().flatten(1))
@@ -434,7 +442,7 @@ def _indexed_inner(left: Indexed, right: Indexed, same: bool) -> Tensor:
     by_pairs = pairs * d * COSTS.gather
     dense = (n * v * d + (0 if same else m * v * d)) * COSTS.elementwise
     dense += n * m * v * d * (0.7 if same else 1.0) * COSTS.gemm
-    if dense <= by_pairs:
+    if not COSTS.factored_is_cheaper(by_pairs, dense):
         return gram(left.materialize().flatten(1), None if same else right.materialize().flatten(1))
     # every (p, q) with row_p = row_q: sort the right entries by row, pair each left entry with
     # the run of its row

@@ -1,0 +1,423 @@
+"""ghost: the factored reductions (every branch, against materialised gradients), the
+MultiheadAttention projections, tied and reused parameters, and differentiable results.
+
+The zoo-wide agreement with the oracle is ``correctness``' job; here each branch the cost model
+can take is forced (``COSTS.force``) and intermediates are chunked small (``CHUNK_ELEMENTS``), so
+that the zoo's small sizes do not leave a path untested.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import impls
+from impls import Unsupported
+from impls.base import Side, trainable_parameters
+from impls.hooks import captured_forward_backward
+from impls.layers import attention, factored
+from impls.layers.factored import Dense, Indexed, Outer, Sum, combine, diagonal, gram, inner
+
+DOUBLE = torch.float64
+FORCES = [None, "factored", "materialised"]
+
+
+@pytest.fixture(params=FORCES, ids=lambda f: f or "cost-model")
+def force(request, monkeypatch):
+    """Each branch of the cost model, with intermediates chunked into small pieces."""
+    monkeypatch.setattr(factored.COSTS, "force", request.param)
+    monkeypatch.setattr(factored, "CHUNK_ELEMENTS", 64)
+    return request.param
+
+
+def _close(got, want):
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def _reference_inner(left, right):
+    return left.materialize().flatten(1) @ right.materialize().flatten(1).T
+
+
+def _check_pair(left, right, *, diagonal_too):
+    _close(inner(left, right), _reference_inner(left, right))
+    _close(inner(right, left), _reference_inner(right, left))
+    _close(inner(left, left, same=True), _reference_inner(left, left))
+    _close(left.squared_norms(), left.materialize().flatten(1).pow(2).sum(1))
+    if diagonal_too:
+        want = (left.materialize().flatten(1) * right.materialize().flatten(1)).sum(1)
+        _close(diagonal(left, right), want)
+        _close(diagonal(right, left), want)
+
+
+def _randn(*shape, seed):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=DOUBLE)
+
+
+# -- factor-level: every pair of kinds, every branch ---------------------------------------------
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+@pytest.mark.parametrize("t, s", [(1, 1), (3, 2), (4, 1)])
+def test_outer_pairs(force, groups, t, s):
+    o, i = 3, 5
+    shape = (groups * o, i)
+    left = Outer(_randn(4, groups, t, o, seed=0), _randn(4, groups, t, i, seed=1), shape)
+    right = Outer(_randn(3, groups, s, o, seed=2), _randn(3, groups, s, i, seed=3), shape)
+    same_batch = Outer(_randn(4, groups, s, o, seed=4), _randn(4, groups, s, i, seed=5), shape)
+    _check_pair(left, right, diagonal_too=False)
+    _check_pair(left, same_batch, diagonal_too=True)
+
+
+def test_outer_materialize_matches_per_example_sum():
+    rows, cols = _randn(2, 2, 3, 4, seed=0), _randn(2, 2, 3, 5, seed=1)
+    got = Outer(rows, cols, (8, 5)).materialize()
+    want = torch.einsum("ngto,ngti->ngoi", rows, cols).reshape(2, 8, 5)
+    _close(got, want)
+    padded = Outer(rows[:, :1], cols[:, :1], (9, 5), row_start=3).materialize()
+    _close(padded[:, 3:7], want[:, :4])
+    assert padded[:, :3].abs().sum() == 0 and padded[:, 7:].abs().sum() == 0
+
+
+@pytest.mark.parametrize("starts", [(0, 4), (0, 2), (1, 3), (2, 2)])
+def test_outer_row_slices(force, starts):
+    """Projections of a packed weight: rows [start, start + width) of a [9, 5] parameter."""
+    (a, b), width = starts, 4
+    left = Outer(_randn(3, 1, 2, width, seed=0), _randn(3, 1, 2, 5, seed=1), (9, 5), a)
+    right = Outer(_randn(2, 1, 3, width + 1, seed=2), _randn(2, 1, 3, 5, seed=3), (9, 5), b)
+    twin = Outer(_randn(3, 1, 1, width + 1, seed=4), _randn(3, 1, 1, 5, seed=5), (9, 5), b)
+    _check_pair(left, right, diagonal_too=False)
+    _check_pair(left, twin, diagonal_too=True)
+    total = combine([left, twin])
+    _check_pair(total, combine([right, Dense(_randn(2, 9, 5, seed=6))]), diagonal_too=False)
+
+
+def _indexed(n, t, vocab, d, seed, padding=None):
+    gen = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, vocab, (n, t), generator=gen)
+    tokens[0, -1] = tokens[0, 0]  # a repeated token within an example
+    example = torch.arange(n).repeat_interleave(t)
+    row, values = tokens.reshape(-1), _randn(n * t, d, seed=seed + 100)
+    if padding is not None:
+        keep = row != padding
+        example, row, values = example[keep], row[keep], values[keep]
+    return Indexed(example, row, values, n, vocab)
+
+
+@pytest.mark.parametrize("vocab", [3, 40])
+def test_indexed_pairs(force, vocab):
+    left = _indexed(4, 5, vocab, 3, seed=0, padding=1)
+    right = _indexed(3, 2, vocab, 3, seed=1)
+    same_batch = _indexed(4, 3, vocab, 3, seed=2)
+    _check_pair(left, right, diagonal_too=False)
+    _check_pair(left, same_batch, diagonal_too=True)
+
+
+@pytest.mark.parametrize("t", [1, 3])
+def test_indexed_outer_pairs(force, t):
+    """An Embedding tied to a Linear decoder: token rows against outer products."""
+    vocab, d = 7, 4
+    embedding = _indexed(3, 4, vocab, d, seed=0, padding=2)
+    decoder = Outer(_randn(3, 1, t, vocab, seed=1), _randn(3, 1, t, d, seed=2), (vocab, d))
+    other = Outer(_randn(2, 1, t, vocab, seed=3), _randn(2, 1, t, d, seed=4), (vocab, d))
+    _check_pair(embedding, decoder, diagonal_too=True)
+    _check_pair(embedding, other, diagonal_too=False)
+    tied = combine([embedding, decoder])
+    assert isinstance(tied, Sum)
+    _check_pair(tied, combine([_indexed(2, 3, vocab, d, seed=5), other]), diagonal_too=False)
+
+
+def test_combine_merges_uses_of_one_form():
+    a = Outer(_randn(2, 1, 3, 4, seed=0), _randn(2, 1, 3, 5, seed=1), (4, 5))
+    b = Outer(_randn(2, 1, 1, 4, seed=2), _randn(2, 1, 1, 5, seed=3), (4, 5))
+    merged = combine([a, b])
+    assert isinstance(merged, Outer) and merged.positions == 4
+    _close(merged.materialize(), a.materialize() + b.materialize())
+    assert isinstance(combine([_indexed(2, 3, 5, 2, 0), _indexed(2, 1, 5, 2, 1)]), Indexed)
+    dense = combine([Dense(_randn(2, 3, seed=0)), Dense(_randn(2, 3, seed=1))])
+    assert isinstance(dense, Dense)
+
+
+@pytest.mark.parametrize("n", [5, 64, 130])
+def test_symmetric_gram(n):
+    x = _randn(n, 7, seed=n)
+    _close(gram(x), x @ x.T)
+    assert torch.equal(gram(x), gram(x).T)
+
+
+# -- MultiheadAttention --------------------------------------------------------------------------
+
+
+class Attend(nn.Module):
+    """One MultiheadAttention called as ``mode`` says, on sequences [B, T, E] (or [T, B, E])."""
+
+    def __init__(self, mode="self", batch_first=True, **options):
+        super().__init__()
+        self.mode, self.batch_first = mode, batch_first
+        kdim = options.get("kdim") or 6
+        self.q = nn.Linear(3, 6)
+        self.k = nn.Linear(3, kdim)
+        self.v = nn.Linear(3, options.get("vdim") or 6)
+        self.attn = nn.MultiheadAttention(6, 2, batch_first=batch_first, **options)
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x):  # x [B, T, 3]
+        q, k, v = torch.tanh(self.q(x)), torch.tanh(self.k(x[:, :4])), torch.tanh(self.v(x[:, :4]))
+        if not self.batch_first:
+            q, k, v = (y.transpose(0, 1) for y in (q, k, v))
+        if self.mode == "self":
+            a, _ = self.attn(q, q, q)
+        elif self.mode == "kv":  # key is value, query differs (encoder-decoder)
+            a, _ = self.attn(q, k, k, need_weights=False)
+        elif self.mode == "twice":  # self-attention, then cross-attention: two calls, one weight
+            h, _ = self.attn(q, q, q, need_weights=False)
+            a, _ = self.attn(h, k, v, need_weights=False)
+        else:
+            a, _ = self.attn(q, k, v, need_weights=False)
+        if not self.batch_first:
+            a = a.transpose(0, 1)
+        return self.head(a.mean(1))
+
+
+ATTENTION_MODELS = {
+    "self_packed": dict(mode="self"),
+    "self_seq_first": dict(mode="self", batch_first=False),
+    "key_is_value": dict(mode="kv"),
+    "qkv_distinct": dict(mode="qkv"),
+    "kdim_vdim": dict(mode="qkv", kdim=5, vdim=4),
+    "no_bias": dict(mode="qkv", bias=False),
+    "called_twice": dict(mode="twice"),
+    "bias_kv_zero_attn": dict(mode="qkv", add_bias_kv=True, add_zero_attn=True),
+}
+
+
+def _ce(outputs, targets):
+    return F.cross_entropy(outputs, targets, reduction="none")
+
+
+def _attention_problem(name, frozen=()):
+    torch.manual_seed(0)
+    model = Attend(**ATTENTION_MODELS[name]).double()
+    for n, p in model.named_parameters():
+        if n in frozen:
+            p.requires_grad_(False)
+    gen = torch.Generator().manual_seed(1)
+    batch = (torch.randn(4, 5, 3, generator=gen, dtype=DOUBLE), torch.tensor([0, 1, 1, 0]))
+    other = (torch.randn(3, 5, 3, generator=gen, dtype=DOUBLE), torch.tensor([1, 0, 1]))
+    return model, batch, other
+
+
+def _agree(name, model, batch, other, reference="naive"):
+    impl, ref = impls.get(name), impls.get(reference)
+    got = impl.norms(model, _ce, batch, per_param=True)
+    want = ref.norms(model, _ce, batch, per_param=True)
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-9, atol=1e-12, msg=n)
+    for args in ((), (other,)):
+        torch.testing.assert_close(
+            impl.inner(model, _ce, batch, *args), ref.inner(model, _ce, batch, *args),
+            rtol=1e-9, atol=1e-12,
+        )  # fmt: skip
+
+
+def _attention_factors(model, batch):
+    side = Side(model, trainable_parameters(model), (batch[0],), batch[1], batch[0].shape[0])
+    capture = captured_forward_backward(side, _ce, False)
+    (call,) = [c for c in capture.calls if isinstance(c.module, nn.MultiheadAttention)][:1]
+    return call, call.rule.factors(call)
+
+
+@pytest.mark.parametrize("name", sorted(ATTENTION_MODELS))
+def test_attention_projections_agree_with_naive(force, name):
+    model, batch, other = _attention_problem(name)
+    _agree("ghost", model, batch, other)
+    _agree("hooks", model, batch, other)
+    call, factors = _attention_factors(model, batch)
+    assert call.uses, "the projections were not recorded"
+    for local in ("in_proj_weight", "q_proj_weight", "out_proj.weight"):
+        if local in factors:
+            assert isinstance(factors[local], (Outer, Sum)), local
+    if "bias_k" in factors:  # not a projection: per-example gradients by the vmap fallback
+        assert isinstance(factors["bias_k"], Dense)
+
+
+def test_attention_with_frozen_projection():
+    model, batch, other = _attention_problem("key_is_value", frozen={"attn.in_proj_weight"})
+    _agree("ghost", model, batch, other)
+    _, factors = _attention_factors(model, batch)
+    assert "in_proj_weight" not in factors and isinstance(factors["out_proj.weight"], Outer)
+
+
+def test_attention_cross_checkpoint():
+    model, batch, other = _attention_problem("qkv_distinct")
+    torch.manual_seed(5)
+    other_model = Attend(mode="qkv").double()
+    got = impls.get("ghost").inner(model, _ce, batch, other, other_model=other_model)
+    want = impls.get("naive").inner(model, _ce, batch, other, other_model=other_model)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+
+
+def test_attention_recording_leaves_nothing_behind():
+    model, batch, _ = _attention_problem("self_packed")
+    linear, forward = F.linear, F.multi_head_attention_forward
+    impls.get("ghost").norms(model, _ce, batch)
+    assert F.linear is linear and F.multi_head_attention_forward is forward
+    assert getattr(attention._RECORDING, "uses", None) is None
+    # another thread running the module meanwhile records nothing and computes the same
+    results = {}
+
+    def run():
+        with torch.no_grad():
+            results["other"] = model(batch[0])
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    impls.get("ghost").inner(model, _ce, batch)
+    worker.join()
+    with torch.no_grad():
+        torch.testing.assert_close(results["other"], model(batch[0]))
+
+
+def test_attention_on_unbatched_input_is_refused():
+    """A 2-D query (one sequence shared by the batch) has no per-example projections."""
+
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(4, 2)
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x):  # x [B, 4]
+            a, _ = self.attn(x[:3], x[:3], x[:3])
+            return self.head(x + a.mean(0))
+
+    batch = (torch.randn(5, 4), torch.tensor([0, 1, 0, 1, 1]))
+    with pytest.raises(Unsupported):
+        impls.get("ghost").norms(Shared(), _ce, batch)
+
+
+# -- tied and reused parameters ------------------------------------------------------------------
+
+
+class TiedPadded(nn.Module):
+    """Embedding (with padding_idx) tied to a decoder, the embedding also used a second time."""
+
+    def __init__(self, vocab=9, dim=4, padding_idx=0):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim, padding_idx=padding_idx)
+        self.mix = nn.Linear(dim, dim)
+        self.decoder = nn.Linear(dim, vocab, bias=False)
+        self.decoder.weight = self.embed.weight
+
+    def forward(self, tokens):
+        h = torch.tanh(self.mix(self.embed(tokens) + self.embed(tokens.flip(1)).mean(1, True)))
+        return self.decoder(h).mean(1)
+
+
+class ReusedAcrossShapes(nn.Module):
+    """One Linear on a [B, 5] input and on a [B, 3, 5] input; one Conv1d called twice."""
+
+    def __init__(self):
+        super().__init__()
+        self.shared = nn.Linear(5, 5)
+        self.conv = nn.Conv1d(2, 2, 3, padding=1, groups=2)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):  # x [B, 3, 5]
+        z = torch.tanh(self.conv(torch.tanh(self.conv(x[:, :2]))))
+        h = torch.tanh(self.shared(x.mean(1))) + torch.tanh(self.shared(x)).mean(1)
+        return self.head(h + z.mean(1))
+
+
+def _tied_problem(padding_idx=0):
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, 9, (4, 5), generator=gen)
+    tokens[::2, -2:] = 0
+    other = torch.randint(0, 9, (3, 5), generator=gen)
+    return (
+        TiedPadded(padding_idx=padding_idx).double(),
+        (tokens, torch.tensor([0, 1, 2, 3])),
+        (other, torch.tensor([4, 5, 6])),
+    )
+
+
+def _reused_problem():
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(1)
+    batch = (torch.randn(4, 3, 5, generator=gen, dtype=DOUBLE), torch.tensor([0, 1, 2, 0]))
+    other = (torch.randn(2, 3, 5, generator=gen, dtype=DOUBLE), torch.tensor([2, 1]))
+    return ReusedAcrossShapes().double(), batch, other
+
+
+@pytest.mark.parametrize("problem", [_tied_problem, _reused_problem], ids=["tied", "reused"])
+def test_tied_and_reused_parameters(force, problem):
+    model, batch, other = problem()
+    _agree("ghost", model, batch, other)
+
+
+# -- differentiable results ----------------------------------------------------------------------
+
+
+def _gradcheck(model, compute):
+    params = tuple(p for p in model.parameters() if p.requires_grad)
+    assert torch.autograd.gradcheck(
+        lambda *inputs: compute(), params, eps=1e-6, atol=1e-6, rtol=1e-5, fast_mode=True
+    )
+
+
+@pytest.mark.parametrize(
+    "problem",
+    [
+        lambda: _attention_problem("self_packed"),
+        lambda: _attention_problem("kdim_vdim"),
+        # no padding_idx: autograd defines the padding row's gradient as zero although the
+        # forward reads it, so finite differences would disagree with any implementation there
+        lambda: _tied_problem(padding_idx=None),
+        _reused_problem,
+    ],
+    ids=["attention_self", "attention_kdim", "tied", "reused"],
+)
+@pytest.mark.parametrize("forced", ["factored", "materialised"])
+def test_gradcheck(monkeypatch, problem, forced):
+    monkeypatch.setattr(factored.COSTS, "force", forced)
+    model, batch, other = problem()
+    ghost = impls.get("ghost")
+    _gradcheck(model, lambda: ghost.norms(model, _ce, batch, create_graph=True))
+    _gradcheck(model, lambda: ghost.inner(model, _ce, batch, create_graph=True))
+    _gradcheck(model, lambda: ghost.inner(model, _ce, batch, other, create_graph=True))
+
+
+def test_create_graph_result_has_a_graph_and_the_model_is_untouched():
+    model, batch, _ = _attention_problem("called_twice")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    value = impls.get("ghost").inner(model, _ce, batch, create_graph=True).sum()
+    value.backward()
+    assert all(p.grad is not None for p in model.parameters())
+    for n, p in model.named_parameters():
+        assert torch.equal(p.detach(), before[n])
+
+
+# -- refusals ------------------------------------------------------------------------------------
+
+
+def test_refuses_batchnorm_in_train_mode_and_unseen_parameters():
+    ghost = impls.get("ghost")
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+    batch = (torch.randn(4, 3), torch.tensor([0, 1, 0, 1]))
+    with pytest.raises(Unsupported, match="BatchNorm1d"):
+        ghost.norms(model, _ce, batch)
+
+    class Outside(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 2)
+
+        def forward(self, x):
+            return F.linear(x, self.fc.weight) + self.fc(x)
+
+    with pytest.raises(Unsupported, match="fc.weight"):
+        ghost.inner(Outside(), _ce, batch)

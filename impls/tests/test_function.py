@@ -29,6 +29,15 @@ NAIVE = impls.get("naive")
 DOUBLE = torch.float64
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: intra-op threads only cost time here, a lot on a loaded shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _ce(outputs, targets):
     return F.cross_entropy(outputs, targets, reduction="none")
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import threading
 from collections import defaultdict
 from collections.abc import Iterator
 
@@ -221,8 +222,11 @@ def recording(side: Side, calls: list[LayerCall]) -> Iterator[None]:
 def _forward_override(plan: _Planned, batch_size: int, calls: list, coverage: dict):
     module, keys = plan.module, [id(p) for p in plan.wanted.values()]
     rule = rule_for(module)
+    owner = threading.get_ident()
 
     def forward(*args, **kwargs):
+        if threading.get_ident() != owner:  # another thread using the model meanwhile
+            return type(module).forward(module, *args, **kwargs)
         if len(args) + len(kwargs) != 1:
             raise TypeError(f"{type(module).__name__}.forward takes one input")
         x = args[0] if args else next(iter(kwargs.values()))

@@ -92,6 +92,41 @@ def test_agrees_with_naive_on_covered_zoo_cases(name):
     _assert_all_agree(model, case.loss_fn, batch, other)
 
 
+@pytest.mark.skipif("ghost" not in impls.names(), reason="ghost is not registered")
+@pytest.mark.parametrize("name", COVERED_CASES)
+def test_same_answers_as_ghost(name):
+    case = get_case(name)
+    model = case.make_model().double()
+    batch, other = _double(case.make_batch(4, seed=0)), _double(case.make_batch(3, seed=1))
+    other_model = perturbed(model)
+    ghost = impls.get("ghost")
+    for quantity in ("per_param", "gram", "cross_batch", "cross_checkpoint"):
+        got, want = (
+            _compute(impl, quantity, model, other_model, case.loss_fn, batch, other)
+            for impl in (FUNCTION, ghost)
+        )
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10, msg=quantity)
+
+
+def test_frozen_weight_trainable_bias():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Conv1d(1, 2, 3), nn.Flatten(),
+                          nn.Linear(6, 3)).double()  # fmt: skip
+    model[0].weight.requires_grad_(False)
+    model[2].weight.requires_grad_(False)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = model
+
+        def forward(self, x):
+            h = self.body[1](self.body[0](x)).unsqueeze(1)
+            return self.body[4](self.body[3](self.body[2](h)))
+
+    _assert_all_agree(Net(), _ce, _classes(4, (4,)), _classes(3, (4,), seed=1))
+
+
 def _double(batch):
     inputs, targets = batch
 
@@ -482,3 +517,29 @@ def test_a_copy_as_the_other_checkpoint_gives_the_gram_matrix():
     gram = FUNCTION.inner(model, case.loss_fn, batch)
     cross = FUNCTION.inner(model, case.loss_fn, batch, other_model=other)
     torch.testing.assert_close(cross, gram, rtol=1e-12, atol=1e-14)
+
+
+def test_another_thread_using_the_model_meanwhile_gets_plain_modules():
+    """The overrides sit on the modules, which threads share: only the caller's thread is routed
+    through the Functions, so another thread's own backward still gets weight gradients."""
+    import threading
+
+    case = get_case("mlp_f64")
+    model, batch = case.make_model(), case.make_batch(3)
+    x2 = batch[0][:2].clone()
+    want = torch.autograd.grad(model(x2).sum(), model[0].weight)[0]
+    seen = {}
+
+    def other_thread():
+        seen["grad"] = torch.autograd.grad(model(x2).sum(), model[0].weight, allow_unused=True)[0]
+
+    def loss_fn(outputs, targets):
+        thread = threading.Thread(target=other_thread)
+        thread.start()
+        thread.join()
+        return case.loss_fn(outputs, targets)
+
+    got = FUNCTION.norms(model, loss_fn, batch)
+    torch.testing.assert_close(got, NAIVE.norms(model, case.loss_fn, batch))
+    assert seen["grad"] is not None
+    torch.testing.assert_close(seen["grad"], want)

@@ -345,13 +345,16 @@ class CustomFunction(Implementation):
                 name = names[id(call.wanted[local])]
                 squared[name] = squared[name] + value
         # a parameter used by several calls: ‖Σ_k g_k‖² = Σ_k ‖g_k‖² + 2 Σ_{k<l} ⟨g_k, g_l⟩
-        for k, left in enumerate(calls):
-            for right in calls[k + 1 :]:
-                pairs = _shared(left, right, names, names)
-                if not pairs:
-                    continue
-                for name, value in _pair_inner(left, right, pairs).items():
-                    squared[name] = squared[name] + 2 * value.diagonal()
+        done: set[tuple[int, int]] = set()
+        for uses in _uses(calls).values():
+            for k, (left, _) in enumerate(uses):
+                for right, _ in uses[k + 1 :]:
+                    if left is right or (id(left), id(right)) in done:
+                        continue
+                    done.add((id(left), id(right)))
+                    pairs = _shared(left, right, names, names)
+                    for name, value in _pair_inner(left, right, pairs).items():
+                        squared[name] = squared[name] + 2 * value.diagonal()
         return squared
 
     def _inner(self, side, other, loss_fn, create_graph):

@@ -52,3 +52,6 @@ register("hooks", "impls.hooks:Hooks")
 
 register("function", "impls.function:CustomFunction")
 register("ghost", "impls.ghost:Ghost")
+register("opacus", "impls.opacus_adapter:Opacus")
+register("opacus_ghost", "impls.opacus_adapter:OpacusGhost")
+register("backpack", "impls.backpack_adapter:BackPACK")

@@ -1,0 +1,189 @@
+"""What the peer adapters (``opacus_adapter``, ``backpack_adapter``) share.
+
+Both libraries compute per-example quantities from module hooks, so both are blind to the same
+things: a parameter used outside the forward of the module that owns it, a module called on a
+tensor without the batch first, an in-place op on a hooked module's output. ``ForwardWatch``
+puts our own hooks beside theirs to see those cases and refuse them instead of returning a
+wrong number; the rest are small helpers for refusals and library errors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+from torch import Tensor, nn
+
+from impls._capture import _ParameterUseWatch
+from impls.base import Unsupported
+
+#: ``check(name, module, args, kwargs)`` before a watched call, raising Unsupported to refuse it
+CallCheck = Callable[[str, nn.Module, tuple, dict], None]
+#: ``after(name, module, args, kwargs, output)`` once a watched call returned
+AfterCall = Callable[[str, nn.Module, tuple, dict, Any], None]
+
+
+def label(name: str, module: nn.Module) -> str:
+    """``"Linear 'encoder.fc'"``: how refusals name a module."""
+    return f"{type(module).__name__} '{name or type(module).__name__}'"
+
+
+def one_line(exc: BaseException, limit: int = 240) -> str:
+    """``"TypeName: first line of the message"``, cut to ``limit`` characters."""
+    lines = str(exc).strip().splitlines()
+    text = f"{type(exc).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+@contextlib.contextmanager
+def library_errors(library: str) -> Iterator[None]:
+    """Turn any failure inside the library into Unsupported with a one-line reason."""
+    try:
+        yield
+    except Unsupported:
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever the library raises, the answer is refusal
+        raise Unsupported(f"{library} failed on this model: {one_line(exc)}") from exc
+
+
+@contextlib.contextmanager
+def quiet(library_module: str) -> Iterator[None]:
+    """Silence the warnings the library and its hooks emit on every call (restored after)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", module=rf"{library_module}(\.|$)")
+        # torch warns when a full backward hook fires on a module whose inputs need no gradient
+        # (every first layer): expected here, not the caller's concern
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        yield
+
+
+def trainable_owners(
+    model: nn.Module, params: dict[str, nn.Parameter]
+) -> dict[int, list[tuple[str, nn.Module]]]:
+    """id(parameter) -> every (module name, module) that holds it directly."""
+    wanted = {id(p) for p in params.values()}
+    owners: dict[int, list[tuple[str, nn.Module]]] = defaultdict(list)
+    for name, module in model.named_modules(remove_duplicate=False):
+        for p in module._parameters.values():
+            if p is not None and id(p) in wanted:
+                if all(m is not module for _, m in owners[id(p)]):
+                    owners[id(p)].append((name, module))
+    return owners
+
+
+def refuse_tied_parameters(model: nn.Module, params: dict[str, nn.Parameter], why: str) -> None:
+    """Raise Unsupported if a trainable parameter is held by two modules (tied weights)."""
+    owners = trainable_owners(model, params)
+    for name, p in params.items():
+        if len(owners[id(p)]) > 1:
+            places = " and ".join(f"'{n or type(m).__name__}'" for n, m in owners[id(p)][:2])
+            raise Unsupported(f"parameter '{name}' is tied ({places} share it): {why}")
+
+
+def disable_inplace(model: nn.Module) -> None:
+    """Switch off ``inplace`` on activation modules (nn.ReLU(inplace=True), ...).
+
+    An in-place op on the output of a module with a full backward hook is an autograd error;
+    ``inplace`` changes no value, only memory. Call it only inside ``preserved_model`` (or on a
+    copy): the flags are module attributes and come back with them.
+    """
+    for module in model.modules():
+        if isinstance(getattr(module, "inplace", None), bool) and module.inplace:
+            module.inplace = False
+
+
+def check_batch_axis(name: str, module: nn.Module, x: Any, batch_size: int, axis: int = 0) -> None:
+    """Refuse a call whose input does not carry the batch along ``axis`` (first by default)."""
+    if not isinstance(x, Tensor):
+        raise Unsupported(f"{label(name, module)} was called without a tensor input")
+    if x.dim() <= axis or x.shape[axis] != batch_size:
+        raise Unsupported(
+            f"{label(name, module)} was called on a tensor of shape {tuple(x.shape)} without the "
+            f"batch ({batch_size}) on axis {axis}: its hooks would mix or split examples"
+        )
+
+
+class ForwardWatch:
+    """Hooks on the modules a library computes from, while the forward pass and loss run.
+
+    ``covered`` lists ``(name, module, parameters)``: the parameters the library accounts for
+    while that module runs. The watch counts each module's calls, runs ``check`` before and
+    ``after`` after each call, and on exit refuses any use of a trainable parameter made while
+    no module covering it was running (a parent calling ``F.linear(x, self.fc.weight)``, a
+    parameter used in ``loss_fn``): the library's hooks never see such a use.
+
+    Its hooks stay until ``remove()``: a watched module that runs again during the backward pass
+    (activation checkpointing recomputes it) would feed the library a second call, and is
+    refused there.
+    """
+
+    def __init__(
+        self,
+        params: dict[str, nn.Parameter],
+        covered: Iterable[tuple[str, nn.Module, Iterable[nn.Parameter]]],
+        check: CallCheck | None = None,
+        after: AfterCall | None = None,
+    ):
+        self.covered = [(name, module, [id(p) for p in ps]) for name, module, ps in covered]
+        self.check = check
+        self.after = after
+        self.calls: dict[int, int] = defaultdict(int)  # id(module) -> forward calls
+        self._coverage: dict[int, int] = defaultdict(int)
+        self._watch = _ParameterUseWatch({id(p): n for n, p in params.items()}, self._coverage)
+        self._handles: list[Any] = []
+        self._closed = False
+
+    def __enter__(self) -> ForwardWatch:
+        for name, module, keys in self.covered:
+            self._handles.append(
+                module.register_forward_pre_hook(self._before(name, keys), with_kwargs=True)
+            )
+            self._handles.append(
+                module.register_forward_hook(self._after(name, keys), with_kwargs=True)
+            )
+        self._watch.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self._watch.__exit__(*exc)
+        self._closed = True
+        if exc[0] is None and self._watch.uncovered is not None:
+            raise Unsupported(
+                f"parameter '{self._watch.uncovered}' is used outside the forward of the module "
+                "that owns it (no library hook can see that use)"
+            )
+        return False
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _before(self, name: str, keys: list[int]):
+        def hook(module, args, kwargs):
+            if self._closed:
+                raise Unsupported(
+                    f"{label(name, module)} runs again during backward (activation "
+                    "checkpointing?): the library's hooks would record a second call"
+                )
+            self.calls[id(module)] += 1
+            for key in keys:
+                self._coverage[key] += 1
+            if self.check is not None:
+                self.check(name, module, args, kwargs)
+
+        return hook
+
+    def _after(self, name: str, keys: list[int]):
+        def hook(module, args, kwargs, output):
+            if self._closed:
+                return
+            for key in keys:
+                self._coverage[key] -= 1
+            if self.after is not None:
+                self.after(name, module, args, kwargs, output)
+
+        return hook

@@ -199,6 +199,8 @@ def _opacus_run(side: Side, loss_fn, ghost: bool) -> dict[str, Tensor]:
     hook_sets: list[Any] = []  # Opacus's hook objects: the model's, then one per island
     handles: list[Any] = []
     watch = None
+    # Opacus's Embedding sampler sets this process-wide flag and restores it only on success
+    deterministic = torch.backends.cudnn.deterministic
     try:
         with library_errors(library), quiet("opacus"):
             if ghost:
@@ -239,6 +241,7 @@ def _opacus_run(side: Side, loss_fn, ghost: bool) -> dict[str, Tensor]:
         # (the caller's, which the working model shares)
         for hooks in reversed(hook_sets):
             hooks.cleanup()
+        torch.backends.cudnn.deterministic = deterministic
 
 
 # -- before the run: swaps, refusals, functorch choices ---------------------------------------

@@ -127,6 +127,13 @@ class EmbeddingFunction(torch.autograd.Function):
 
 def _apply(module: nn.Module, x: Tensor, call: LayerCall) -> Tensor:
     """What ``module(x)`` computes, through the module's Function."""
+    if not isinstance(module, nn.Embedding) and isinstance(x, Tensor):
+        batched = 2 if isinstance(module, nn.Linear) else module.weight.dim()
+        if x.dim() < batched:  # an unbatched call: its first dimension is no batch dimension
+            raise Unsupported(
+                f"{type(module).__name__} '{call.name}' was called on an unbatched input of "
+                f"shape {tuple(x.shape)}: its output is shared by all examples"
+            )
     if isinstance(module, nn.Linear):
         return LinearFunction.apply(x, module.weight, module.bias, call)
     if isinstance(module, nn.Embedding):

@@ -362,7 +362,29 @@ def _refusal_cases():
     def loss_with_weight(outputs, targets):
         return _ce(outputs, targets) + model[0].weight.sum()
 
+    class SharedBias(nn.Module):
+        """A Linear called on an unbatched vector (whose length happens to equal B)."""
+
+        def __init__(self):
+            super().__init__()
+            self.shared = nn.Linear(3, 4)
+            self.head = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.head(x + self.shared(torch.ones(3, dtype=x.dtype)))
+
+    class UnbatchedConv(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv1d(3, 4, 1)
+            self.head = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.head(x + self.conv(torch.ones(3, 4, dtype=x.dtype)).mean(1))
+
     return {
+        "unbatched_linear": (SharedBias(), _ce, _classes(3, (4,)), "Linear 'shared'"),
+        "unbatched_conv": (UnbatchedConv(), _ce, _classes(3, (4,)), "Conv1d 'conv'"),
         "layer_norm": (layer_norm, _ce, feats, "LayerNorm '1'"),
         "attention": (Attention(), _ce, seq, "attn.in_proj_weight"),
         "bare_parameter": (*_case_parts("bare_parameter"), "'scale'"),

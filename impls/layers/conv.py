@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from impls.layers.base import LayerRule, register_rule
-from impls.layers.factored import Dense, Outer
+from impls.layers.factored import Dense, Outer, RowSums
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
@@ -64,12 +64,15 @@ class ConvRule(LayerRule):
         n, groups = call.batch_size, module.groups
         out = {}
         g = call.grad_output.flatten(2)  # [n, o, t]
+        rows = g.reshape(n, groups, -1, g.shape[-1]).transpose(2, 3)
         if "weight" in call.wanted:
             a = unfold(module, call.input)  # [n, i, t]
-            rows = g.reshape(n, groups, -1, g.shape[-1]).transpose(2, 3)
             cols = a.reshape(n, groups, -1, a.shape[-1]).transpose(2, 3)
-            out["weight"] = Outer(rows, cols, module.weight.shape)
-        if "bias" in call.wanted:
+            weight = Outer(rows, cols, module.weight.shape)
+            out["weight"] = weight
+            if "bias" in call.wanted:
+                out["bias"] = RowSums(weight, module.bias.shape)
+        elif "bias" in call.wanted:
             out["bias"] = Dense(g.sum(2))
         return out
 

@@ -57,6 +57,8 @@ COSTS = Costs()
 
 #: largest intermediate (elements) a reduction builds at once; bigger work is chunked
 CHUNK_ELEMENTS = 1 << 24
+#: elements of per-example gradients materialised at once (a feature chunk of every example)
+MATERIALISE_ELEMENTS = 1 << 22
 
 
 def _chunks(total: int, per_item: int):
@@ -120,6 +122,10 @@ class Outer(Factors):
         if self.rows.shape[:3] != self.cols.shape[:3]:
             raise ValueError(f"factor shapes differ: {self.rows.shape} vs {self.cols.shape}")
         self.shape = torch.Size(self.shape)
+        # products of the rows a reduction formed, for the bias (:class:`RowSums`) to reuse:
+        # "norms" -> [n, G, t, t] (g_t·g_s per example); id(other) -> (other, [n, m]) with
+        # Σ_{t,s} g_t·g'_s between the examples of two factors
+        self.row_products: dict = {}
 
     @property
     def batch_size(self) -> int:
@@ -143,15 +149,6 @@ class Outer(Factors):
         """Whether the factors cover every row of the parameter."""
         return self.row_start == 0 and self.groups * self.features[0] == self.shape[0]
 
-    def block(self, start: int = 0, stop: int | None = None) -> Tensor:
-        """Examples start..stop-1 materialised as [n, G, i, o] (each group's gradient, transposed).
-
-        [n, i, t] @ [n, t, o] is the faster orientation of the batched product on CPU; the
-        reductions only need a layout both sides share.
-        """
-        cols, rows = self.cols[start:stop], self.rows[start:stop]
-        return cols.transpose(2, 3) @ rows
-
     def squared_norms(self) -> Tensor:
         return _outer_diagonal(self, self)
 
@@ -165,6 +162,32 @@ class Outer(Factors):
         top, bottom = self.row_start, height - self.row_start - blocks.shape[1]
         padded = torch.nn.functional.pad(blocks.reshape(n, -1, inner), (0, 0, top, bottom))
         return padded.reshape(n, *self.shape)
+
+
+@dataclass(eq=False)
+class RowSums(Factors):
+    """Σ_t rows_nt of an :class:`Outer`, [n, G·o]: the bias next to a Linear or Conv weight.
+
+    ‖Σ_t g_t‖² = Σ_{t,s} g_t·g_s: the weight's factored reductions already formed these
+    products (``Outer.row_products``), so the bias reuses them when they are there (the weight
+    is reduced first: parameters are visited in their module's order).
+    """
+
+    outer: Outer
+    shape: torch.Size
+
+    @property
+    def batch_size(self) -> int:
+        return self.outer.batch_size
+
+    def materialize(self) -> Tensor:
+        return self.outer.rows.sum(2).reshape(self.batch_size, *self.shape)
+
+    def squared_norms(self) -> Tensor:
+        products = self.outer.row_products.get("norms")
+        if products is not None:
+            return products.sum((1, 2, 3))
+        return super().squared_norms()
 
 
 @dataclass(eq=False)
@@ -266,6 +289,10 @@ def inner(left: Factors, right: Factors, *, same: bool = False) -> Tensor:
         return sum(inner(left, g) for g in right.parts)
     if isinstance(left, Outer) and isinstance(right, Outer):
         return _outer_inner(left, right, same)
+    if isinstance(left, RowSums) and isinstance(right, RowSums):
+        partner, products = left.outer.row_products.get(id(right.outer), (None, None))
+        if partner is right.outer:
+            return products
     if isinstance(left, Indexed) and isinstance(right, Indexed):
         return _indexed_inner(left, right, same)
     if isinstance(left, Indexed) and isinstance(right, Outer) and _tied_ok(right):
@@ -297,24 +324,12 @@ def diagonal(left: Factors, right: Factors) -> Tensor:
 
 
 def gram(x: Tensor, y: Tensor | None = None) -> Tensor:
-    """x [n, D] @ y [n', D]ᵀ; with ``y=None`` the symmetric x xᵀ, forming only the blocks on and
-    above the diagonal (about (k+1)/2k of the products for k blocks).
+    """x [n, D] @ y [n', D]ᵀ (``y=None``: x xᵀ).
+
+    One product: computing only the blocks above the diagonal of x xᵀ was measured slower on CPU
+    (the product with few rows and a long D runs near peak only in one piece).
     """
-    if y is not None:
-        return x @ y.T
-    n = x.shape[0]
-    blocks = min(4, n // 32)
-    if blocks < 2:
-        return x @ x.T
-    bounds = [n * k // blocks for k in range(blocks + 1)]
-    parts = [x[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
-    tiles = [[None] * blocks for _ in range(blocks)]
-    for k, xk in enumerate(parts):
-        for j in range(k, blocks):
-            tiles[k][j] = xk @ parts[j].T
-            if j != k:
-                tiles[j][k] = tiles[k][j].T
-    return torch.cat([torch.cat(row, 1) for row in tiles], 0)
+    return x @ (x if y is None else y).T
 
 
 # -- Outer x Outer ------------------------------------------------------------------------------
@@ -349,7 +364,10 @@ def _outer_diagonal(left: Outer, right: Outer) -> Tensor:
     if t == 1 and s == 1:
         # Goodfellow: ⟨g aᵀ, g' a'ᵀ⟩ = (a·a')(g·g')
         if same:
-            products = cols_l.pow(2).sum(-1) * rows_l.pow(2).sum(-1)
+            rows = rows_l.pow(2).sum(-1)  # [n, G, 1]
+            if left.full:
+                left.row_products["norms"] = rows.unsqueeze(-1)
+            products = cols_l.pow(2).sum(-1) * rows
         else:
             products = (cols_l * cols_r).sum(-1) * (rows_l * rows_r).sum(-1)
         return products.flatten(1).sum(1)
@@ -357,21 +375,46 @@ def _outer_diagonal(left: Outer, right: Outer) -> Tensor:
     build = (t if same else t + s) * COSTS.bmm + COSTS.elementwise
     materialised = n * groups * i * o * build
     if COSTS.factored_is_cheaper(factored, materialised):
-        out = []
+        out, row_products = [], []
         for a, b in _chunks(n, groups * t * s):
             cols = cols_l[a:b] @ cols_r[a:b].transpose(2, 3)  # [n, G, t, s]
             rows = rows_l[a:b] @ rows_r[a:b].transpose(2, 3)
             out.append((cols * rows).flatten(1).sum(1))
+            row_products.append(rows)
+        if same and left.full:
+            left.row_products["norms"] = torch.cat(row_products)
         return torch.cat(out)
-    out = []
-    for a, b in _chunks(n, groups * i * o * (1 if same else 2)):
-        block_l = cols_l[a:b].transpose(2, 3) @ rows_l[a:b]  # [n, G, i, o]
-        if same:
-            out.append(block_l.pow(2).flatten(1).sum(1))
+    if same:
+        return sum(block.pow(2).sum(1) for block in _materialised(rows_l, cols_l, n))
+    blocks_l, blocks_r = _materialised(rows_l, cols_l, 2 * n), _materialised(rows_r, cols_r, 2 * n)
+    pairs = zip(blocks_l, blocks_r, strict=True)
+    return sum((block_l * block_r).sum(1) for block_l, block_r in pairs)
+
+
+def _materialised(rows: Tensor, cols: Tensor, examples: int):
+    """The per-example gradients a feature chunk at a time: [n, G·c·o] blocks for input
+    features k..k+c (the gradient is [n, G, i, o]; a reduction adds its blocks' terms).
+
+    Chunks bound the memory, and without a graph to keep one buffer is reused: a fresh
+    allocation of the whole [n, G, i, o] costs page faults comparable to the products.
+    """
+    n, groups, t, o = rows.shape
+    i = cols.shape[3]
+    rows3 = rows.reshape(n * groups, t, o)
+    cols3 = cols.reshape(n * groups, t, i).transpose(1, 2)  # [n·G, i, t]
+    # the same chunks for both sides of a pair: sized by the examples of both
+    step = max(1, min(i, MATERIALISE_ELEMENTS // max(1, examples * groups * o)))
+    reuse = not (torch.is_grad_enabled() and (rows.requires_grad or cols.requires_grad))
+    buffer = None
+    for k in range(0, i, step):
+        c = min(step, i - k)
+        if reuse:
+            if buffer is None or buffer.shape[1] != c:
+                buffer = rows.new_empty(n * groups, c, o)
+            block = torch.bmm(cols3[:, k : k + c], rows3, out=buffer)
         else:
-            block_r = cols_r[a:b].transpose(2, 3) @ rows_r[a:b]
-            out.append((block_l * block_r).flatten(1).sum(1))
-    return torch.cat(out)
+            block = torch.bmm(cols3[:, k : k + c], rows3)
+        yield block.view(n, -1)
 
 
 def _outer_inner(left: Outer, right: Outer, same: bool) -> Tensor:
@@ -385,23 +428,37 @@ def _outer_inner(left: Outer, right: Outer, same: bool) -> Tensor:
         return rows_l.new_zeros(n, m)
     factored = n * m * groups * t * s * ((i + o) * COSTS.gemm + COSTS.elementwise)
     build = (n * t if same else n * t + m * s) * COSTS.bmm
-    products = n * m * (0.7 if same else 1.0) * COSTS.gemm
+    products = n * m * COSTS.gemm
     materialised = groups * i * o * (build + products)
     if COSTS.factored_is_cheaper(factored, materialised):
+        if t == 1 and s == 1 and groups == 1:
+            # (a_n·a'_m)(g_n·g'_m); g_n·g'_m is also the bias's inner product
+            rows = rows_l[:, 0, 0] @ rows_r[:, 0, 0].T
+            if left.full and right.full:
+                left.row_products[id(right)] = (right, rows)
+            return (cols_l[:, 0, 0] @ cols_r[:, 0, 0].T) * rows
         return _outer_inner_factored(rows_l, cols_l, rows_r, cols_r)
+    reuse = not (torch.is_grad_enabled() and (rows_l.requires_grad or cols_l.requires_grad))
+    total = None
     if same:
-        return gram(left.block().flatten(1))
-    return gram(
-        (cols_l.transpose(2, 3) @ rows_l).flatten(1), (cols_r.transpose(2, 3) @ rows_r).flatten(1)
-    )
+        blocks = ((block, block) for block in _materialised(rows_l, cols_l, n))
+    else:
+        blocks_l = _materialised(rows_l, cols_l, n + m)
+        blocks = zip(blocks_l, _materialised(rows_r, cols_r, n + m), strict=True)
+    for block_l, block_r in blocks:
+        if total is None:
+            total = block_l @ block_r.T
+        elif reuse:
+            total.addmm_(block_l, block_r.T)
+        else:
+            total = total + block_l @ block_r.T
+    return total
 
 
 def _outer_inner_factored(rows_l, cols_l, rows_r, cols_r) -> Tensor:
     """Σ_g Σ_{t,s} (a_nt·a'_ms)(g_nt·g'_ms) as [n, m]; chunked over the left examples."""
     n, groups, t, o = rows_l.shape
     m, s = rows_r.shape[0], rows_r.shape[2]
-    if t == 1 and s == 1 and groups == 1:
-        return (cols_l[:, 0, 0] @ cols_r[:, 0, 0].T) * (rows_l[:, 0, 0] @ rows_r[:, 0, 0].T)
     # [G, m·s, f]: all right positions of a group as one matrix
     right_cols = cols_r.permute(1, 0, 2, 3).reshape(groups, m * s, -1)
     right_rows = rows_r.permute(1, 0, 2, 3).reshape(groups, m * s, -1)
@@ -526,6 +583,8 @@ def _join(a: Factors, b: Factors) -> Factors | None:
             rows, cols = torch.cat([a.rows, b.rows], 2), torch.cat([a.cols, b.cols], 2)
             return Outer(rows, cols, a.shape, a.row_start)
         return None
+    if isinstance(a, (Dense, RowSums)) and isinstance(b, (Dense, RowSums)):
+        return Dense(a.materialize() + b.materialize())
     if isinstance(a, Indexed) and isinstance(b, Indexed) and a.num_rows == b.num_rows:
         return Indexed(
             torch.cat([a.example, b.example]),

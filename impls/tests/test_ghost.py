@@ -20,7 +20,17 @@ from impls import Unsupported
 from impls.base import Side, trainable_parameters
 from impls.hooks import captured_forward_backward
 from impls.layers import attention, factored
-from impls.layers.factored import Dense, Indexed, Outer, Sum, combine, diagonal, gram, inner
+from impls.layers.factored import (
+    Dense,
+    Indexed,
+    Outer,
+    RowSums,
+    Sum,
+    combine,
+    diagonal,
+    gram,
+    inner,
+)
 
 DOUBLE = torch.float64
 FORCES = [None, "factored", "materialised"]
@@ -31,6 +41,7 @@ def force(request, monkeypatch):
     """Each branch of the cost model, with intermediates chunked into small pieces."""
     monkeypatch.setattr(factored.COSTS, "force", request.param)
     monkeypatch.setattr(factored, "CHUNK_ELEMENTS", 64)
+    monkeypatch.setattr(factored, "MATERIALISE_ELEMENTS", 40)
     return request.param
 
 
@@ -70,6 +81,20 @@ def test_outer_pairs(force, groups, t, s):
     same_batch = Outer(_randn(4, groups, s, o, seed=4), _randn(4, groups, s, i, seed=5), shape)
     _check_pair(left, right, diagonal_too=False)
     _check_pair(left, same_batch, diagonal_too=True)
+
+
+@pytest.mark.parametrize("t, s", [(1, 1), (3, 2)])
+def test_bias_row_sums(force, t, s):
+    """The bias reuses the products of output gradients its weight's reductions formed."""
+    left = Outer(_randn(4, 2, t, 3, seed=0), _randn(4, 2, t, 5, seed=1), (6, 5))
+    right = Outer(_randn(3, 2, s, 3, seed=2), _randn(3, 2, s, 5, seed=3), (6, 5))
+    bias_l, bias_r = RowSums(left, (6,)), RowSums(right, (6,))
+    _close(bias_l.materialize(), left.rows.sum(2).reshape(4, 6))
+    _check_pair(bias_l, bias_r, diagonal_too=False)  # before the weights: no products to reuse
+    left.squared_norms(), inner(left, right), inner(left, left, same=True)
+    _check_pair(bias_l, bias_r, diagonal_too=False)  # after: reused where they were formed
+    merged = combine([bias_l, RowSums(Outer(left.rows, left.cols, (6, 5)), (6,))])
+    _close(merged.materialize(), 2 * bias_l.materialize())
 
 
 def test_outer_materialize_matches_per_example_sum():

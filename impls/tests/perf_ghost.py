@@ -1,0 +1,189 @@
+"""ghost's performance against issue 3's targets: ``python -m impls.tests.perf_ghost``.
+
+Not a test (pytest does not collect it): a measurement, printed as a table of ratios.
+
+Every time is a ratio to the plain training step of the same model and batch,
+``model.zero_grad(set_to_none=True); loss_fn(model(x), y).sum().backward()``, measured in the
+same process, interleaved with it: each round times the plain step and each contender with
+``torch.utils.benchmark.Timer`` (``num_threads``, default 2), and the table reports the median
+and the spread (min..max) of the per-round ratios, so that load from other processes on a shared
+machine hits both sides of a ratio alike.
+
+Targets (issue 3):
+
+- ghost norms <= 1.05x plain: MLP 784-512-512-10 at B=256; transformer (dim 256, 4 heads,
+  hidden 1024, 2 blocks, vocabulary 1000) at B=64, T=64;
+- ghost Gram matrix <= 1.5x plain at B=128 on the same two models;
+- ghost norms <= 0.9x the faster of opacus_ghost and backpack on every zoo case both run
+  (the zoo's models at batch size ``--zoo-batch``), when those are registered.
+
+``--forms`` also times ghost with the cost model overridden (all factored, all materialised):
+how the per-layer choice compares with either fixed form.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import warnings
+from functools import partial
+
+import torch
+from torch.utils.benchmark import Timer
+
+import impls
+from correctness import losses, models
+from correctness.cases import CASES, features_and_classes, tokens_and_classes
+from impls import Unsupported
+from impls.layers import factored
+
+CE = losses.cross_entropy
+TRANSFORMER = dict(vocab=1000, dim=256, heads=4, hidden=1024, blocks=2, max_len=64, classes=10)
+
+
+def mlp_problem(batch_size):
+    model = models.MLP((784, 512, 512, 10))
+    batch = features_and_classes(
+        batch_size, torch.Generator().manual_seed(0), shape=(784,), classes=10
+    )
+    return model, CE, batch
+
+
+def transformer_problem(batch_size, length=64):
+    model = models.TinyTransformer(**TRANSFORMER)
+    batch = tokens_and_classes(
+        batch_size, torch.Generator().manual_seed(0), length=length, vocab=1000, classes=10
+    )
+    return model, CE, batch
+
+
+def plain_step(model, loss_fn, batch):
+    inputs, targets = batch
+    inputs = (inputs,) if torch.is_tensor(inputs) else inputs
+    model.zero_grad(set_to_none=True)
+    loss_fn(model(*inputs), targets).sum().backward()
+
+
+def _seconds(fn, threads, min_run_time):
+    timer = Timer("fn()", globals={"fn": fn}, num_threads=threads)
+    return timer.blocked_autorange(min_run_time=min_run_time).median
+
+
+def ratios(model, loss_fn, batch, contenders, *, rounds, threads, min_run_time):
+    """name -> per-round ratios time(contender) / time(plain step), interleaved."""
+    plain = partial(plain_step, model, loss_fn, batch)
+    for fn in (plain, *contenders.values()):  # warm up (allocations, lazy imports)
+        fn()
+    out = {name: [] for name in contenders}
+    plain_times = []
+    for r in range(rounds):
+        order = list(contenders.items())
+        if r % 2:
+            order.reverse()
+        base = _seconds(plain, threads, min_run_time)
+        plain_times.append(base)
+        for name, fn in order:
+            out[name].append(_seconds(fn, threads, min_run_time) / base)
+    return out, statistics.median(plain_times)
+
+
+def _forced(force, fn):
+    def run():
+        saved = factored.COSTS.force
+        factored.COSTS.force = force
+        try:
+            return fn()
+        finally:
+            factored.COSTS.force = saved
+
+    return run
+
+
+def _row(label, quantity, name, values, plain_s, target=None):
+    median = statistics.median(values)
+    verdict = "" if target is None else ("met" if median <= target else "NOT met")
+    target_s = "" if target is None else f"<= {target:g}"
+    print(
+        f"{label:28s} {quantity:6s} {name:22s} {median:6.3f}  "
+        f"[{min(values):.2f}..{max(values):.2f}]  {plain_s * 1e3:8.1f}  {target_s:7s} {verdict}",
+        flush=True,
+    )
+    return median
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m impls.tests.perf_ghost", description=__doc__)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--min-run-time", type=float, default=0.5)
+    parser.add_argument("--zoo-batch", type=int, default=64)
+    parser.add_argument("--forms", action="store_true", help="also time all-factored/material")
+    parser.add_argument(
+        "--only", nargs="*", default=None, help="targets, zoo (default: everything)"
+    )
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore", message="There is a performance drop")
+    ghost = impls.get("ghost")
+    opts = dict(rounds=args.rounds, threads=args.threads, min_run_time=args.min_run_time)
+    print(f"torch {torch.__version__}, {args.threads} threads, {args.rounds} interleaved rounds")
+    print(
+        f"{'model, batch':28s} {'':6s} {'implementation':22s} {'ratio':>6s}  "
+        f"{'[min..max]':12s}  {'plain ms':>8s}  target"
+    )
+    failed = 0
+    only = set(args.only or ["targets", "zoo"])
+
+    if "targets" in only:
+        problems = [
+            ("MLP 784-512-512-10, B=256", "norms", mlp_problem(256), 1.05),
+            ("transformer T=64, B=64", "norms", transformer_problem(64), 1.05),
+            ("MLP 784-512-512-10, B=128", "gram", mlp_problem(128), 1.5),
+            ("transformer T=64, B=128", "gram", transformer_problem(128), 1.5),
+        ]
+        for label, quantity, (model, loss_fn, batch), target in problems:
+            if quantity == "norms":
+                call = partial(ghost.norms, model, loss_fn, batch)
+            else:
+                call = partial(ghost.inner, model, loss_fn, batch)
+            contenders = {"ghost": call}
+            if args.forms:
+                contenders["ghost (all factored)"] = _forced("factored", call)
+                contenders["ghost (all materialised)"] = _forced("materialised", call)
+            values, plain_s = ratios(model, loss_fn, batch, contenders, **opts)
+            for name, v in values.items():
+                goal = target if name == "ghost" else None
+                median = _row(label, quantity, name, v, plain_s, goal)
+                failed += name == "ghost" and median > target
+
+    if "zoo" in only:
+        peers = [n for n in ("opacus_ghost", "backpack") if n in impls.names()]
+        if len(peers) < 2:
+            print(f"zoo comparison skipped: registered peers {peers} (need opacus_ghost, backpack)")
+        for case in CASES if len(peers) == 2 else []:
+            if not case.defined:
+                continue
+            model, batch = case.make_model(), case.make_batch(args.zoo_batch)
+            contenders = {"ghost": partial(ghost.norms, model, case.loss_fn, batch)}
+            for peer in peers:
+                call = partial(impls.get(peer).norms, model, case.loss_fn, batch)
+                try:
+                    call()
+                except Unsupported:
+                    continue
+                contenders[peer] = call
+            if len(contenders) < 3:
+                continue  # the target compares cases both peers run
+            values, plain_s = ratios(model, case.loss_fn, batch, contenders, **opts)
+            label = f"zoo {case.name}, B={args.zoo_batch}"
+            for name, v in values.items():
+                _row(label, "norms", name, v, plain_s)
+            versus = [g / min(values[p][k] for p in peers) for k, g in enumerate(values["ghost"])]
+            median = _row(label, "norms", "ghost / best peer", versus, plain_s, 0.9)
+            failed += median > 0.9
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

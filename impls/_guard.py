@@ -60,6 +60,7 @@ def preserved_model(model: nn.Module):
         for p, requires_grad, grad, attrs, hooks in saved_params:
             for key in [k for k in p.__dict__ if k not in attrs]:
                 del p.__dict__[key]
+            p.__dict__.update(attrs)  # the caller's own attributes (e.g. their grad_sample)
             p.requires_grad_(requires_grad)
             p.grad = grad
             if hooks is not None:

@@ -207,10 +207,10 @@ class TwoInputNet(nn.Module):
 
 
 class BatchNormMLP(nn.Module):
-    def __init__(self, features=6, hidden=10, classes=3):
+    def __init__(self, features=6, hidden=10, classes=3, running_stats=True):
         super().__init__()
         self.fc1 = nn.Linear(features, hidden)
-        self.bn = nn.BatchNorm1d(hidden)
+        self.bn = nn.BatchNorm1d(hidden, track_running_stats=running_stats)
         self.fc2 = nn.Linear(hidden, classes)
 
     def forward(self, x):

@@ -7,7 +7,9 @@ Every time is a ratio to the plain training step of the same model and batch,
 same process, interleaved with it: each round times the plain step and each contender with
 ``torch.utils.benchmark.Timer`` (``num_threads``, default 2), and the table reports the median
 and the spread (min..max) of the per-round ratios, so that load from other processes on a shared
-machine hits both sides of a ratio alike.
+machine hits both sides of a ratio alike. ``--clock cpu`` measures CPU time instead of elapsed
+time: on a machine whose cores other processes keep busy, two OpenMP threads wait for each other
+at every parallel region, and elapsed times then count regions more than work.
 
 Targets (issue 3):
 
@@ -26,6 +28,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import time
 import warnings
 from functools import partial
 
@@ -65,12 +68,15 @@ def plain_step(model, loss_fn, batch):
     loss_fn(model(*inputs), targets).sum().backward()
 
 
-def _seconds(fn, threads, min_run_time):
-    timer = Timer("fn()", globals={"fn": fn}, num_threads=threads)
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def _seconds(fn, threads, min_run_time, clock="wall"):
+    timer = Timer("fn()", globals={"fn": fn}, num_threads=threads, timer=CLOCKS[clock])
     return timer.blocked_autorange(min_run_time=min_run_time).median
 
 
-def ratios(model, loss_fn, batch, contenders, *, rounds, threads, min_run_time):
+def ratios(model, loss_fn, batch, contenders, *, rounds, threads, min_run_time, clock):
     """name -> per-round ratios time(contender) / time(plain step), interleaved."""
     plain = partial(plain_step, model, loss_fn, batch)
     for fn in (plain, *contenders.values()):  # warm up (allocations, lazy imports)
@@ -81,10 +87,10 @@ def ratios(model, loss_fn, batch, contenders, *, rounds, threads, min_run_time):
         order = list(contenders.items())
         if r % 2:
             order.reverse()
-        base = _seconds(plain, threads, min_run_time)
+        base = _seconds(plain, threads, min_run_time, clock)
         plain_times.append(base)
         for name, fn in order:
-            out[name].append(_seconds(fn, threads, min_run_time) / base)
+            out[name].append(_seconds(fn, threads, min_run_time, clock) / base)
     return out, statistics.median(plain_times)
 
 
@@ -118,6 +124,13 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--min-run-time", type=float, default=0.5)
     parser.add_argument("--zoo-batch", type=int, default=64)
+    parser.add_argument(
+        "--clock",
+        choices=sorted(CLOCKS),
+        default="wall",
+        help="wall: elapsed time (the target's measure); cpu: CPU time of the process, all its "
+        "threads (less sensitive to other processes taking the cores)",
+    )
     parser.add_argument("--forms", action="store_true", help="also time all-factored/material")
     parser.add_argument(
         "--only", nargs="*", default=None, help="targets, zoo (default: everything)"
@@ -126,8 +139,13 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", message="There is a performance drop")
     ghost = impls.get("ghost")
-    opts = dict(rounds=args.rounds, threads=args.threads, min_run_time=args.min_run_time)
-    print(f"torch {torch.__version__}, {args.threads} threads, {args.rounds} interleaved rounds")
+    opts = dict(
+        rounds=args.rounds, threads=args.threads, min_run_time=args.min_run_time, clock=args.clock
+    )
+    print(
+        f"torch {torch.__version__}, {args.threads} threads, {args.rounds} interleaved rounds, "
+        f"{args.clock} clock"
+    )
     print(
         f"{'model, batch':28s} {'':6s} {'implementation':22s} {'ratio':>6s}  "
         f"{'[min..max]':12s}  {'plain ms':>8s}  target"

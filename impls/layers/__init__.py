@@ -5,7 +5,14 @@ strategies (``impls/hooks.py`` ...) look rules up with :func:`rule_for` and neve
 math. A module with trainable parameters and no rule gets :class:`VmapFallback`.
 """
 
-from impls.layers import attention, conv, embedding, linear, norm  # noqa: F401  (registration)
+from impls.layers import (  # noqa: F401  (registration)
+    attention,
+    conv,
+    embedding,
+    linear,
+    norm,
+    recurrent,
+)
 from impls.layers.base import LayerCall, LayerRule, register_rule, rule_for
 from impls.layers.fallback import VmapFallback
 

@@ -28,20 +28,17 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import threading
 import types
 from collections import defaultdict
 
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.autograd.graph import get_gradient_edge
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from impls.layers.base import LinearUse, register_rule
+from impls.layers.base import record_linear, recording, register_rule
 from impls.layers.factored import Dense, Outer, combine
 from impls.layers.fallback import VmapFallback
 
-_RECORDING = threading.local()
 #: parameters the projections account for; anything else goes to the vmap fallback
 _PROJECTIONS = {
     "in_proj_weight",
@@ -54,20 +51,11 @@ _PROJECTIONS = {
 }
 
 
-def _recording_linear(input, weight, bias=None):
-    output = F.linear(input, weight, bias)
-    uses = getattr(_RECORDING, "uses", None)
-    if uses is not None and output.requires_grad:
-        edge = get_gradient_edge(output)
-        uses.append(LinearUse(input, weight, bias, output, edge, input._version))
-    return output
-
-
 @functools.cache
 def _recording_attention_forward():
     """``F.multi_head_attention_forward`` with a recording ``linear`` (copies, own globals)."""
     namespace = dict(vars(F))
-    namespace["linear"] = _recording_linear
+    namespace["linear"] = record_linear
     for name in ("multi_head_attention_forward", "_in_projection_packed", "_in_projection"):
         original = getattr(F, name)
         copy = types.FunctionType(
@@ -105,17 +93,13 @@ class MultiheadAttentionRule(VmapFallback):
     def intercept(self, func, args, kwargs, uses, create_graph):
         if func is not F.multi_head_attention_forward:
             return NotImplemented
-        previous = getattr(_RECORDING, "uses", None)
-        _RECORDING.uses = uses
-        try:
-            with contextlib.ExitStack() as stack:
-                if create_graph:
-                    # the fused CPU attention kernels have no double backward; the math
-                    # backend computes the same attention with differentiable ops
-                    stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
-                return _recording_attention_forward()(*args, **kwargs)
-        finally:
-            _RECORDING.uses = previous
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(recording(uses))
+            if create_graph:
+                # the fused CPU attention kernels have no double backward; the math backend
+                # computes the same attention with differentiable ops
+                stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
+            return _recording_attention_forward()(*args, **kwargs)
 
     def factors(self, call):
         projections = self._projection_factors(call)

@@ -11,10 +11,14 @@ form and materialising.
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.graph import get_gradient_edge
 
 from impls.base import Unsupported
 from impls.layers import factored
@@ -37,6 +41,30 @@ class LinearUse:
     edge: Any
     version: int = 0  # input._version at the call
     grad_output: Tensor | None = None
+
+
+_RECORDING = threading.local()
+
+
+@contextlib.contextmanager
+def recording(uses: list[LinearUse]):
+    """While inside, :func:`record_linear` calls on this thread append to ``uses``."""
+    previous = getattr(_RECORDING, "uses", None)
+    _RECORDING.uses = uses
+    try:
+        yield uses
+    finally:
+        _RECORDING.uses = previous
+
+
+def record_linear(input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``F.linear``, recorded as a :class:`LinearUse` inside :func:`recording` (thread-local)."""
+    output = F.linear(input, weight, bias)
+    uses = getattr(_RECORDING, "uses", None)
+    if uses is not None and output.requires_grad:
+        edge = get_gradient_edge(output)
+        uses.append(LinearUse(input, weight, bias, output, edge, input._version))
+    return output
 
 
 @dataclass

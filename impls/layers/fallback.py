@@ -79,7 +79,12 @@ class VmapFallback(LayerRule):
         ]
         in_dims = (None, dims, batched_out)
         per_example = vmap(grad(contribution), in_dims=in_dims)
-        return per_example(params, batched_leaves, list(grad_outputs))
+        try:
+            return per_example(params, batched_leaves, list(grad_outputs))
+        except RuntimeError as exc:
+            # torch.func cannot batch every module (random ops, some kernels): a refusal
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise Unsupported(f"vmap fallback for '{call.name}' failed: {reason}") from exc
 
 
 def _all_output_leaves(outputs):

@@ -19,7 +19,8 @@ import impls
 from impls import Unsupported
 from impls.base import Side, trainable_parameters
 from impls.hooks import captured_forward_backward
-from impls.layers import attention, factored
+from impls.layers import base as layers_base
+from impls.layers import factored
 from impls.layers.factored import (
     Dense,
     Indexed,
@@ -290,7 +291,7 @@ def test_attention_recording_leaves_nothing_behind():
     linear, forward = F.linear, F.multi_head_attention_forward
     impls.get("ghost").norms(model, _ce, batch)
     assert F.linear is linear and F.multi_head_attention_forward is forward
-    assert getattr(attention._RECORDING, "uses", None) is None
+    assert getattr(layers_base._RECORDING, "uses", None) is None
     # another thread running the module meanwhile records nothing and computes the same
     results = {}
 
@@ -322,6 +323,91 @@ def test_attention_on_unbatched_input_is_refused():
     batch = (torch.randn(5, 4), torch.tensor([0, 1, 0, 1, 1]))
     with pytest.raises(Unsupported):
         impls.get("ghost").norms(Shared(), _ce, batch)
+
+
+# -- recurrent layers -----------------------------------------------------------------------------
+
+
+class Recur(nn.Module):
+    def __init__(self, kind, batch_first=True, initial_state=False, **options):
+        super().__init__()
+        self.rnn = getattr(nn, kind)(3, 4, batch_first=batch_first, **options)
+        self.batch_first, self.initial_state = batch_first, initial_state
+        directions = 2 if options.get("bidirectional") else 1
+        layers = options.get("num_layers", 1)
+        self.h0 = nn.Linear(3, 4 * directions * layers)
+        self.head = nn.Linear(4 * directions, 2)
+
+    def forward(self, x):  # x [B, T, 3]
+        seq = x if self.batch_first else x.transpose(0, 1)
+        if self.initial_state:  # a per-example initial state computed from the input
+            h = torch.tanh(self.h0(x[:, 0])).reshape(x.shape[0], -1, 4).transpose(0, 1)
+            state = (h.contiguous(), torch.zeros_like(h)) if isinstance(self.rnn, nn.LSTM) else h
+            out, _ = self.rnn(seq, state.contiguous() if torch.is_tensor(state) else state)
+        else:
+            out, _ = self.rnn(seq)
+        out = out if self.batch_first else out.transpose(0, 1)
+        return self.head(out.mean(1))
+
+
+RECURRENT = {
+    "lstm": dict(kind="LSTM"),
+    "lstm_seq_first_bidirectional_2layers": dict(
+        kind="LSTM", batch_first=False, bidirectional=True, num_layers=2
+    ),
+    "lstm_no_bias_initial_state": dict(kind="LSTM", bias=False, initial_state=True),
+    "gru_bidirectional": dict(kind="GRU", bidirectional=True),
+    "gru_initial_state_2layers": dict(kind="GRU", initial_state=True, num_layers=2),
+    "rnn_tanh": dict(kind="RNN"),
+    "rnn_relu_2layers": dict(kind="RNN", nonlinearity="relu", num_layers=2),
+}
+
+
+def _recurrent_problem(name):
+    torch.manual_seed(0)
+    model = Recur(**RECURRENT[name]).double()
+    gen = torch.Generator().manual_seed(1)
+    batch = (torch.randn(4, 5, 3, generator=gen, dtype=DOUBLE), torch.tensor([0, 1, 1, 0]))
+    other = (torch.randn(3, 5, 3, generator=gen, dtype=DOUBLE), torch.tensor([1, 0, 1]))
+    return model, batch, other
+
+
+def _recurrent_factors(model, batch):
+    side = Side(model, trainable_parameters(model), (batch[0],), batch[1], batch[0].shape[0])
+    capture = captured_forward_backward(side, _ce, False)
+    (call,) = [c for c in capture.calls if isinstance(c.module, nn.RNNBase)]
+    return call, call.rule.factors(call)
+
+
+@pytest.mark.parametrize("name", sorted(RECURRENT))
+def test_recurrent_projections_agree_with_naive(force, name):
+    model, batch, other = _recurrent_problem(name)
+    _agree("ghost", model, batch, other)
+    _agree("hooks", model, batch, other)
+    call, factors = _recurrent_factors(model, batch)
+    assert call.uses and isinstance(factors["weight_hh_l0"], Outer)
+    if "bias_hh_l0" in factors:
+        assert isinstance(factors["bias_hh_l0"], RowSums)
+
+
+def test_lstm_projection_is_recorded(force):
+    torch.manual_seed(0)
+    model = Recur("LSTM", proj_size=2, num_layers=2).double()
+    model.head = nn.Linear(2, 2).double()
+    _, batch, other = _recurrent_problem("lstm")
+    _agree("ghost", model, batch, other)
+    _, factors = _recurrent_factors(model, batch)
+    assert isinstance(factors["weight_hr_l1"], Outer)
+
+
+def test_recurrent_dropout_in_training_is_left_to_the_kernel():
+    """Dropout between layers in training: the fused kernel runs, nothing is recorded, and the
+    vmap fallback refuses (its masks would differ per example) — never a wrong number."""
+    torch.manual_seed(0)
+    model = Recur("LSTM", num_layers=2, dropout=0.5).double()
+    _, batch, _ = _recurrent_problem("lstm")
+    with pytest.raises(Unsupported, match="vmap fallback"):
+        impls.get("ghost").norms(model, _ce, batch)
 
 
 # -- tied and reused parameters ------------------------------------------------------------------
@@ -403,8 +489,10 @@ def _gradcheck(model, compute):
         # forward reads it, so finite differences would disagree with any implementation there
         lambda: _tied_problem(padding_idx=None),
         _reused_problem,
+        lambda: _recurrent_problem("lstm_no_bias_initial_state"),
+        lambda: _recurrent_problem("gru_bidirectional"),
     ],
-    ids=["attention_self", "attention_kdim", "tied", "reused"],
+    ids=["attention_self", "attention_kdim", "tied", "reused", "lstm", "gru"],
 )
 @pytest.mark.parametrize("forced", ["factored", "materialised"])
 def test_gradcheck(monkeypatch, problem, forced):

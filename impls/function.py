@@ -63,23 +63,25 @@ _COVERED = {
 # -- the Functions ---------------------------------------------------------------------------
 
 
-def _record(call: LayerCall, grad_output: Tensor) -> None:
-    call.grad_outputs = [grad_output]
+# Each Function is given the list that receives its output gradient (its call's
+# ``grad_outputs``), never the call itself: the call holds the output, whose grad_fn holds ctx,
+# so a ctx holding the call would make a reference cycle that keeps every activation and the
+# graph alive after the answer is returned, until the cyclic garbage collector runs.
 
 
 class LinearFunction(torch.autograd.Function):
     """``F.linear(x, weight, bias)``; backward records g and returns only ∂/∂x = g W."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, call):
+    def forward(ctx, x, weight, bias, sink):
         ctx.save_for_backward(weight)
-        ctx.call = call
+        ctx.sink = sink
         return F.linear(x, weight, bias)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):
-        _record(ctx.call, grad_output)
+        ctx.sink.append(grad_output)
         (weight,) = ctx.saved_tensors
         grad_x = grad_output @ weight if ctx.needs_input_grad[0] else None
         return grad_x, None, None, None
@@ -89,17 +91,17 @@ class ConvFunction(torch.autograd.Function):
     """``F.conv{1,2,3}d`` with numeric padding; backward records g and returns only ∂/∂x."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, stride, padding, dilation, groups, call):
+    def forward(ctx, x, weight, bias, stride, padding, dilation, groups, sink):
         ctx.save_for_backward(weight)
         ctx.conv = (x.shape, stride, padding, dilation, groups)
-        ctx.call = call
+        ctx.sink = sink
         conv = (F.conv1d, F.conv2d, F.conv3d)[weight.dim() - 3]
         return conv(x, weight, bias, stride, padding, dilation, groups)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):
-        _record(ctx.call, grad_output)
+        ctx.sink.append(grad_output)
         grad_x = None
         if ctx.needs_input_grad[0]:
             (weight,) = ctx.saved_tensors
@@ -114,19 +116,20 @@ class EmbeddingFunction(torch.autograd.Function):
     """``F.embedding(indices, weight, padding_idx)``; backward records g, returns nothing."""
 
     @staticmethod
-    def forward(ctx, indices, weight, padding_idx, call):
-        ctx.call = call
+    def forward(ctx, indices, weight, padding_idx, sink):
+        ctx.sink = sink
         return F.embedding(indices, weight, padding_idx)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):
-        _record(ctx.call, grad_output)
+        ctx.sink.append(grad_output)
         return None, None, None, None
 
 
 def _apply(module: nn.Module, x: Tensor, call: LayerCall) -> Tensor:
-    """What ``module(x)`` computes, through the module's Function."""
+    """What ``module(x)`` computes, through the module's Function (g goes to the call)."""
+    sink = call.grad_outputs
     if not isinstance(module, nn.Embedding) and isinstance(x, Tensor):
         batched = 2 if isinstance(module, nn.Linear) else module.weight.dim()
         if x.dim() < batched:  # an unbatched call: its first dimension is no batch dimension
@@ -135,16 +138,16 @@ def _apply(module: nn.Module, x: Tensor, call: LayerCall) -> Tensor:
                 f"shape {tuple(x.shape)}: its output is shared by all examples"
             )
     if isinstance(module, nn.Linear):
-        return LinearFunction.apply(x, module.weight, module.bias, call)
+        return LinearFunction.apply(x, module.weight, module.bias, sink)
     if isinstance(module, nn.Embedding):
-        return EmbeddingFunction.apply(x, module.weight, module.padding_idx, call)
+        return EmbeddingFunction.apply(x, module.weight, module.padding_idx, sink)
     # convolution: pad as the module does (padding mode, 'same'), then a padding-free Function;
     # plain zero padding goes into the convolution itself, as the module does it
     padding = module.padding
     if module.padding_mode != "zeros" or isinstance(padding, str):
         x, padding = explicit_padding(module, x), 0
     return ConvFunction.apply(
-        x, module.weight, module.bias, module.stride, padding, module.dilation, module.groups, call
+        x, module.weight, module.bias, module.stride, padding, module.dilation, module.groups, sink
     )
 
 
@@ -277,7 +280,7 @@ def recorded_calls(side: Side, loss_fn: LossFn) -> list[LayerCall]:
             torch.autograd.grad(losses.sum(), used, allow_unused=True)
     for call in calls:
         if not call.grad_outputs:  # the layer's output did not reach the loss
-            call.grad_outputs = [torch.zeros_like(call.output_tensors[0])]
+            call.grad_outputs.append(torch.zeros_like(call.output_tensors[0]))
         call.check_inputs_unchanged()
     return calls
 

@@ -268,7 +268,14 @@ def test_conv_function_matches_the_module_and_skips_weight_gradients(conv_type, 
 
         padded, padding = explicit_padding(conv, x), 0
     got = ConvFunction.apply(
-        padded, conv.weight, conv.bias, conv.stride, padding, conv.dilation, conv.groups, call
+        padded,
+        conv.weight,
+        conv.bias,
+        conv.stride,
+        padding,
+        conv.dilation,
+        conv.groups,
+        call.grad_outputs,
     )
     torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
     g = torch.randn_like(want)
@@ -284,7 +291,7 @@ def test_linear_and_embedding_functions_skip_weight_gradients():
     linear = nn.Linear(4, 3).double()
     x = torch.randn(2, 5, 4, dtype=DOUBLE, requires_grad=True)
     call = _call_for(linear, 2)
-    out = LinearFunction.apply(x, linear.weight, linear.bias, call)
+    out = LinearFunction.apply(x, linear.weight, linear.bias, call.grad_outputs)
     assert torch.equal(out, linear(x))
     g = torch.randn_like(out)
     gx, gw, gb = torch.autograd.grad(out, [x, linear.weight, linear.bias], g, allow_unused=True)
@@ -295,7 +302,7 @@ def test_linear_and_embedding_functions_skip_weight_gradients():
     embed = nn.Embedding(7, 3, padding_idx=2).double()
     tokens = torch.tensor([[1, 2, 6], [2, 0, 0]])
     call = _call_for(embed, 2)
-    out = EmbeddingFunction.apply(tokens, embed.weight, embed.padding_idx, call)
+    out = EmbeddingFunction.apply(tokens, embed.weight, embed.padding_idx, call.grad_outputs)
     assert torch.equal(out, embed(tokens))
     (gw,) = torch.autograd.grad(out.sum(), [embed.weight], allow_unused=True)
     assert gw is None and call.grad_outputs[0].shape == out.shape
@@ -565,3 +572,26 @@ def test_another_thread_using_the_model_meanwhile_gets_plain_modules():
     torch.testing.assert_close(got, NAIVE.norms(model, case.loss_fn, batch))
     assert seen["grad"] is not None
     torch.testing.assert_close(seen["grad"], want)
+
+
+def test_no_reference_cycle_keeps_activations_alive():
+    """After the call, the recorded activations and gradients are freed by reference counting,
+    not left to the cyclic garbage collector."""
+    import gc
+
+    case = get_case("cnn")
+    model, batch = case.make_model(), case.make_batch(3)
+    FUNCTION.norms(model, case.loss_fn, batch)
+    gc.collect()
+    gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        FUNCTION.norms(model, case.loss_fn, batch)
+        FUNCTION.inner(model, case.loss_fn, batch, batch)
+        gc.collect()
+        leaked = [tuple(o.shape) for o in gc.garbage if isinstance(o, torch.Tensor)]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    assert not leaked, f"tensors only the garbage collector frees: {leaked[:5]}"

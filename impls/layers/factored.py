@@ -490,34 +490,66 @@ def _indexed_diagonal(left: Indexed, right: Indexed) -> Tensor:
 
 
 def _indexed_inner(left: Indexed, right: Indexed, same: bool) -> Tensor:
-    """Σ_v ⟨rows of token v in n, in m⟩: by pairs of entries with the same row, or dense."""
+    """Σ_v ⟨rows of token v in n, in m⟩ = Σ_{t,s}[x_nt = x'_ms](g_nt·g'_ms): per token, the
+    products between the examples that contain it (blocks), or dense when the vocabulary is small.
+    """
     n, m, v, d = left.batch_size, right.batch_size, left.num_rows, left.values.shape[-1]
     ex_l, row_l, val_l = left.aggregated()
     ex_r, row_r, val_r = (ex_l, row_l, val_l) if same else right.aggregated()
-    counts_r = torch.bincount(row_r, minlength=v)
-    pairs = int(counts_r[row_l].sum())
-    by_pairs = pairs * d * COSTS.gather
+    counts_l = torch.bincount(row_l, minlength=v)
+    counts_r = counts_l if same else torch.bincount(row_r, minlength=v)
+    shared = torch.nonzero((counts_l > 0) & (counts_r > 0)).flatten()
+    caps_l, caps_r = _power_of_two(counts_l[shared]), _power_of_two(counts_r[shared])
+    by_blocks = int((caps_l * caps_r).sum()) * d * COSTS.bmm
     dense = (n * v * d + (0 if same else m * v * d)) * COSTS.elementwise
-    dense += n * m * v * d * (0.7 if same else 1.0) * COSTS.gemm
-    if not COSTS.factored_is_cheaper(by_pairs, dense):
+    dense += n * m * v * d * COSTS.gemm
+    if not COSTS.factored_is_cheaper(by_blocks, dense):
         return gram(left.materialize().flatten(1), None if same else right.materialize().flatten(1))
-    # every (p, q) with row_p = row_q: sort the right entries by row, pair each left entry with
-    # the run of its row
-    order = torch.argsort(row_r)
-    starts = torch.cumsum(counts_r, 0) - counts_r
-    runs = counts_r[row_l]  # [K]: partners of each left entry
-    out = val_l.new_zeros(n * m)
-    first = torch.cumsum(runs, 0) - runs
-    for a, b in _chunks(len(runs), int(runs.max()) * d if len(runs) else 1):
-        chunk_runs = runs[a:b]
-        p = torch.repeat_interleave(torch.arange(a, b, device=runs.device), chunk_runs)
-        offset = torch.arange(p.shape[0], device=runs.device) - torch.repeat_interleave(
-            first[a:b] - first[a], chunk_runs
-        )
-        q = order[starts[row_l[p]] + offset]
-        dots = (val_l[p] * val_r[q]).sum(1)
-        out = out.index_add(0, ex_l[p] * m + ex_r[q], dots)
-    return out.reshape(n, m)
+    # tokens in buckets of equal (capacity left, capacity right), capacities powers of two: one
+    # batched product per bucket, padding at most doubling each side
+    buckets = torch.log2(caps_l.double()).long() * 64 + torch.log2(caps_r.double()).long()
+    slot = torch.empty(v, dtype=torch.long, device=row_l.device)
+    bucket_of = torch.full((v,), -1, dtype=torch.long, device=row_l.device)
+    bucket_of[shared] = buckets
+    rank_l, rank_r = _rank_within_row(row_l, counts_l), _rank_within_row(row_r, counts_r)
+    out = val_l.new_zeros((n + 1) * (m + 1))  # row n / column m: padding's sink
+    for key in torch.unique(buckets).tolist():
+        tokens = shared[buckets == key]
+        slot[tokens] = torch.arange(len(tokens), device=slot.device)
+        cap_l, cap_r = 1 << (key // 64), 1 << (key % 64)
+        left_block, left_ex = _padded(ex_l, row_l, val_l, rank_l, bucket_of, key, slot,
+                                      len(tokens), cap_l, n)  # fmt: skip
+        right_block, right_ex = _padded(ex_r, row_r, val_r, rank_r, bucket_of, key, slot,
+                                        len(tokens), cap_r, m)  # fmt: skip
+        products = left_block @ right_block.transpose(1, 2)  # [tokens, cap_l, cap_r]
+        index = left_ex.unsqueeze(2) * (m + 1) + right_ex.unsqueeze(1)
+        out = out.index_add(0, index.flatten(), products.flatten())
+    return out.reshape(n + 1, m + 1)[:n, :m]
+
+
+def _power_of_two(counts: Tensor) -> Tensor:
+    """The smallest power of two >= each count (counts >= 1)."""
+    return torch.pow(2, torch.ceil(torch.log2(counts.double()))).long()
+
+
+def _rank_within_row(row: Tensor, counts: Tensor) -> Tensor:
+    """For each entry, how many entries of the same row come before it."""
+    order = torch.argsort(row, stable=True)
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.empty_like(row)
+    rank[order] = torch.arange(len(row), device=row.device) - starts[row[order]]
+    return rank
+
+
+def _padded(example, row, values, rank, bucket_of, key, slot, tokens, cap, sink):
+    """The entries of a bucket's tokens as [tokens, cap, d] (zeros where a token has fewer than
+    ``cap`` entries) and their examples [tokens, cap] (``sink`` for padding).
+    """
+    mine = bucket_of[row] == key
+    where = (slot[row[mine]], rank[mine])
+    block = values.new_zeros(tokens, cap, values.shape[-1]).index_put(where, values[mine])
+    examples = torch.full((tokens, cap), sink, dtype=torch.long, device=row.device)
+    return block, examples.index_put(where, example[mine])
 
 
 # -- Indexed x Outer (an Embedding tied to a Linear decoder) -------------------------------------

@@ -5,9 +5,9 @@ One forward under :class:`~impls._capture.LayerCapture` records every layer call
 asks autograd only for the gradients of the captured layer outputs, so the weight-gradient
 products of a training step are never formed. Each rule then describes each parameter's
 per-example gradients as factors (``impls.layers.factored``: outer-product sums for Linear,
-Conv and attention projections, token rows for Embedding, dense values for small parameters and
-the vmap fallback), and the reductions pick, per parameter and per quantity, the cheaper of the
-factored form and materialising.
+Conv, the projections inside MultiheadAttention and the gates of RNN/LSTM/GRU, token rows for
+Embedding, dense values for small parameters and the vmap fallback), and the reductions pick,
+per parameter and per quantity, the cheaper of the factored form and materialising.
 
 A parameter used at several places (tied weights, a module called twice) gets the sum of its
 uses: merged when they share a form, otherwise with the exact cross terms between the places

@@ -1,8 +1,12 @@
 """Per-layer math: each module family's per-example gradients from one captured call.
 
-One file per layer family registers a :class:`LayerRule` for its module types. Whole-model
-strategies (``impls/hooks.py`` ...) look rules up with :func:`rule_for` and never re-derive the
-math. A module with trainable parameters and no rule gets :class:`VmapFallback`.
+One file per layer family registers a :class:`LayerRule` for its module types (linear, conv,
+embedding, norm, attention, recurrent). A rule describes the per-example gradients as factors
+(``factored``: outer-product sums, token rows, dense values) whose reductions — squared norms,
+inner products, per-example gradients — choose the cheaper of the factored form and
+materialising. Whole-model strategies (``impls/hooks.py``, ``impls/ghost.py``,
+``impls/function.py``) look rules up with :func:`rule_for` and never re-derive the math. A
+module with trainable parameters and no rule gets :class:`VmapFallback`.
 """
 
 from impls.layers import (  # noqa: F401  (registration)

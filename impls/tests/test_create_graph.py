@@ -133,7 +133,6 @@ KNOWN_FAILURES = {
     "LayerNorm is wrong (torch 2.13; a per-example loop is right)",
     ("vmap", "lstm"): "torch.func vmap(grad) of nn.LSTM with parameters that require grad "
     "raises a shape error",
-    ("ghost", "lstm"): "its per-module vmap fallback meets the same torch.func LSTM error",
     **{
         (n, c): "double backward of CPU scaled_dot_product_attention (flash) is not implemented"
         for n in ("naive", "vmap")

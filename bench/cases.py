@@ -1,0 +1,98 @@
+"""The bench cases: the zoo's model families at realistic sizes.
+
+Built from the zoo's own ``Case`` dataclass, model classes and batch factories
+(``correctness.cases`` / ``correctness.models``), so the benchmark times the very models the
+agreement harness checks, only bigger. ``mlp_mnist`` and ``transformer_t64`` are the two models
+issue 3's performance targets name (the MLP 784-512-512-10; Embedding, attention and MLP blocks
+at T=64).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+from correctness import losses, models
+from correctness.cases import Case, features_and_classes, tokens_and_classes
+
+CE = losses.cross_entropy
+
+#: powers of two from 16 to 1024: the sweep's batch sizes unless told otherwise
+ALL_BATCH_SIZES = (16, 32, 64, 128, 256, 512, 1024)
+
+_TRANSFORMER = dict(vocab=1000, dim=64, heads=4, hidden=256, blocks=2, classes=10)
+
+
+def _transformer(length: int) -> Case:
+    return Case(
+        f"transformer_t{length}",
+        partial(models.TinyTransformer, max_len=length, **_TRANSFORMER),
+        partial(tokens_and_classes, length=length, vocab=_TRANSFORMER["vocab"], classes=10),
+        CE,
+        tags=("attention", "embedding", "norm", "linear"),
+    )
+
+
+BENCH_CASES: list[Case] = [
+    Case(
+        "mlp_mnist",
+        partial(models.MLP, (784, 512, 512, 10)),
+        partial(features_and_classes, shape=(784,), classes=10),
+        CE,
+        tags=("linear",),
+    ),
+    Case(
+        "cnn_cifar",
+        partial(models.CNN, 3, 32, 10),
+        partial(features_and_classes, shape=(3, 32, 32), classes=10),
+        CE,
+        tags=("conv",),
+    ),
+    _transformer(64),
+    _transformer(256),
+    Case(
+        "lstm",
+        partial(models.LSTMClassifier, features=32, hidden=128, classes=10),
+        partial(features_and_classes, shape=(32, 32), classes=10),
+        CE,
+        tags=("rnn",),
+    ),
+]
+
+#: one line per case for the report
+DESCRIPTIONS = {
+    "mlp_mnist": "MLP 784-512-512-10 (ReLU) on MNIST-shaped inputs [B, 784], 10 classes",
+    "cnn_cifar": "CNN on CIFAR-shaped inputs [B, 3, 32, 32]: 3 conv (32/64/64 channels, stride, "
+    "groups, reflect padding), max pool, global average pool, Linear head",
+    "transformer_t64": "transformer, T=64 tokens: Embedding(1000, 64) + positions, 2 blocks "
+    "(LayerNorm, 4-head nn.MultiheadAttention, MLP 64-256-64), LayerNorm, mean pool, Linear",
+    "transformer_t256": "the same transformer at T=256 tokens",
+    "lstm": "LSTM (32 features -> 128 hidden, 32 steps), Linear head on the last step",
+}
+
+#: CPU default batch sizes per case: the full ladder where a plain step is cheap, shorter where
+#: one plain forward+backward at B=1024 already takes seconds on 2 cores (keeps the default
+#: sweep within 15 minutes); ``--batch-sizes`` overrides them for every case
+CPU_BATCH_SIZES = {
+    "mlp_mnist": ALL_BATCH_SIZES,
+    "cnn_cifar": (16, 32, 64, 128, 256),
+    "transformer_t64": (16, 32, 64, 128),
+    "transformer_t256": (16, 32),
+    "lstm": (16, 32, 64, 128, 256),
+}
+
+BY_NAME = {case.name: case for case in BENCH_CASES}
+assert len(BY_NAME) == len(BENCH_CASES), "bench case names must be unique"
+assert set(DESCRIPTIONS) == set(BY_NAME) == set(CPU_BATCH_SIZES)
+
+
+def get_case(name: str) -> Case:
+    if name not in BY_NAME:
+        raise KeyError(f"unknown bench case '{name}'; known: {', '.join(BY_NAME)}")
+    return BY_NAME[name]
+
+
+def default_batch_sizes(case_name: str, device: str) -> tuple[int, ...]:
+    """The batch sizes the default sweep measures for a case on a device type."""
+    if device == "cpu":
+        return CPU_BATCH_SIZES.get(case_name, ALL_BATCH_SIZES)
+    return ALL_BATCH_SIZES

@@ -1,0 +1,348 @@
+"""REPORT.md and the plots, generated from the result tables (never edited by hand).
+
+``write_report(root)`` reads every ``<root>/<device>/cells.csv`` and its ``environment.json``
+and writes ``<root>/REPORT.md`` and ``<root>/<device>/plots/<case>.png``. The pieces
+(``fastest``, ``pivot``, ``markdown_table``) are importable for other reports.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pandas as pd
+
+from bench import store
+from bench.cases import DESCRIPTIONS
+from bench.timing import NOISY_RELATIVE_IQR
+
+REPORT_NAME = "REPORT.md"
+NOISY_MARK = "~"
+WRONG_MARK = " WRONG"
+
+
+def _ok(frame: pd.DataFrame) -> pd.Series:
+    return frame["status"] == "ok"
+
+
+def _correct(frame: pd.DataFrame) -> pd.Series:
+    return _ok(frame) & (frame["correct"] == "ok")
+
+
+def fastest(frame: pd.DataFrame, by: str = "ratio") -> pd.DataFrame:
+    """Per (device, case, quantity, batch_size): the correct measured row with the least ``by``.
+
+    ``by`` is "ratio" (time) or "memory_ratio". Rows whose oracle check is not ``ok`` never win.
+    """
+    rows = frame[_correct(frame)].dropna(subset=[by])
+    if rows.empty:
+        return rows
+    keys = ["device", "case", "quantity", "batch_size"]
+    best = rows.loc[rows.groupby(keys)[by].idxmin()]
+    return best.sort_values(keys).reset_index(drop=True)
+
+
+def _format_ratio(value: float) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "?"
+    if value >= 100:
+        return f"{value:.0f}x"
+    if value >= 10:
+        return f"{value:.1f}x"
+    return f"{value:.2f}x"
+
+
+def _format_bytes(value) -> str:
+    if value is None or pd.isna(value):
+        return "?"
+    mib = float(value) / 2**20
+    return f"{mib:.0f} MiB" if mib >= 10 else f"{mib:.2g} MiB"
+
+
+def _format_seconds(value) -> str:
+    if value is None or pd.isna(value):
+        return "?"
+    value = float(value)
+    return f"{value * 1e3:.3g} ms" if value < 1 else f"{value:.3g} s"
+
+
+def _time_cell(row) -> str:
+    if row["status"] != "ok":
+        return row["status"]
+    text = _format_ratio(float(row["ratio"]))
+    if isinstance(row["flags"], str) and row["flags"].startswith("noisy"):
+        text += NOISY_MARK
+    if row["correct"] == "WRONG":
+        text += WRONG_MARK
+    return text
+
+
+def _memory_cell(row) -> str:
+    if row["status"] != "ok":
+        return row["status"]
+    if pd.isna(row["memory_peak_bytes"]):
+        return "n/a"
+    ratio = row["memory_ratio"]
+    text = f"{_format_ratio(float(ratio))} ({_format_bytes(row['memory_peak_bytes'])})"
+    return text + (WRONG_MARK if row["correct"] == "WRONG" else "")
+
+
+def pivot(rows: pd.DataFrame, cell) -> pd.DataFrame:
+    """implementation x batch_size table of ``cell(row)`` strings (rows in first-seen order)."""
+    order = list(dict.fromkeys(rows["implementation"]))
+    text = rows.assign(text=rows.apply(cell, axis=1))
+    table = text.pivot_table(
+        index="implementation", columns="batch_size", values="text", aggfunc="first"
+    )
+    table = table.reindex(order).fillna("")
+    table.columns = [f"B={int(b)}" for b in table.columns]
+    return table
+
+
+def _plain_row(rows: pd.DataFrame, column: str, formatter) -> dict:
+    ok = rows[_ok(rows)].dropna(subset=[column])
+    values = ok.groupby("batch_size")[column].median()
+    return {f"B={int(b)}": formatter(v) for b, v in values.items()}
+
+
+def markdown_table(table: pd.DataFrame, index_name: str = "") -> str:
+    """A GitHub-flavoured markdown table of a DataFrame of strings (index as first column)."""
+    header = [index_name or (table.index.name or "")] + [str(c) for c in table.columns]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for index, row in table.iterrows():
+        cells = [str(index)] + ["" if pd.isna(v) else str(v) for v in row.tolist()]
+        lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def headline(frame: pd.DataFrame, device: str) -> pd.DataFrame:
+    """(case, quantity) x batch size: the fastest correct implementation and its time ratio."""
+    best = fastest(frame[frame["device"] == device])
+    if best.empty:
+        return pd.DataFrame()
+    best = best.assign(
+        text=best["implementation"] + " " + best["ratio"].map(_format_ratio),
+        row=best["case"] + " " + best["quantity"],
+    )
+    rows = frame[frame["device"] == device]
+    order = [
+        f"{c} {q}"
+        for c in dict.fromkeys(rows["case"])
+        for q in dict.fromkeys(rows["quantity"])
+        if f"{c} {q}" in set(best["row"])
+    ]
+    table = best.pivot_table(index="row", columns="batch_size", values="text", aggfunc="first")
+    table = table.reindex(order).fillna("")
+    table.columns = [f"B={int(b)}" for b in table.columns]
+    return table
+
+
+def _not_measured(rows: pd.DataFrame) -> list[str]:
+    lines = []
+    bad = rows[rows["status"] != "ok"]
+    for (implementation, quantity, status), group in bad.groupby(
+        ["implementation", "quantity", "status"], sort=False
+    ):
+        sizes = ", ".join(str(int(b)) for b in sorted(group["batch_size"]))
+        reason = str(group.sort_values("batch_size")["reason"].iloc[0])
+        lines.append(f"- {implementation} {quantity} B={sizes}: **{status}**: {reason}")
+    checks = rows[rows["correct"].isin(["WRONG", "error"])].drop_duplicates(
+        ["implementation", "quantity"]
+    )
+    for _, row in checks.iterrows():
+        detail = f"relative error {row['check_error']:.2e}" if row["correct"] == "WRONG" else ""
+        lines.append(
+            f"- {row['implementation']} {row['quantity']}: oracle check **{row['correct']}** "
+            f"{detail}".rstrip()
+        )
+    return lines
+
+
+def _environment_line(environment: dict) -> str:
+    if not environment:
+        return "_no environment.json beside the table_"
+    versions = environment.get("versions", {})
+    parts = [
+        f"torch {versions.get('torch')}",
+        f"opacus {versions.get('opacus')}",
+        f"backpack {versions.get('backpack-for-pytorch')}",
+        f"CPU {environment.get('cpu')} ({environment.get('cpu_count')} cores)",
+        f"{environment.get('threads')} threads",
+    ]
+    if environment.get("gpu"):
+        parts.append(f"GPU {environment['gpu'].get('name')}")
+    parts.append(f"commit {environment.get('git_commit')}")
+    settings = environment.get("settings", {})
+    if settings:
+        parts.append(
+            "settings: "
+            + ", ".join(f"{k}={settings[k]}" for k in sorted(settings) if k != "threads")
+        )
+    return "; ".join(str(p) for p in parts)
+
+
+# -- plots -------------------------------------------------------------------------------------
+
+
+def plot_case(rows: pd.DataFrame, path: Path) -> Path | None:
+    """Time and peak memory against batch size (log-log) for one device and case, as a PNG.
+
+    Top row: seconds per call; bottom row: peak MiB; one column per quantity; the plain
+    forward+backward is the dashed black line. Returns None when matplotlib is missing.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    ok = rows[_ok(rows)]
+    quantities = list(dict.fromkeys(rows["quantity"]))
+    implementations = list(dict.fromkeys(rows["implementation"]))
+    palette = plt.get_cmap("tab10")
+    colors = {name: palette(k % 10) for k, name in enumerate(implementations)}
+    sizes = sorted(int(b) for b in rows["batch_size"].unique())
+    figure, axes = plt.subplots(
+        2, len(quantities), figsize=(5 * len(quantities), 7.5), squeeze=False
+    )
+    for column, quantity in enumerate(quantities):
+        these = ok[ok["quantity"] == quantity]
+        panels = [
+            (axes[0][column], "time_median_s", "plain_median_s", "seconds per call", 1.0),
+            (axes[1][column], "memory_peak_bytes", "plain_peak_bytes", "peak MiB", 2.0**-20),
+        ]
+        for axis, value, plain, label, scale in panels:
+            for implementation in implementations:
+                group = these[these["implementation"] == implementation]
+                group = group.dropna(subset=[value]).sort_values("batch_size")
+                if len(group):
+                    axis.plot(
+                        group["batch_size"].astype(int),
+                        group[value].astype(float) * scale,
+                        "o-",
+                        color=colors[implementation],
+                        label=implementation,
+                    )
+            reference = these.dropna(subset=[plain]).groupby("batch_size")[plain].median()
+            if len(reference):
+                axis.plot(
+                    reference.index.astype(int),
+                    reference.to_numpy(dtype=float) * scale,
+                    "k--",
+                    label="plain fwd+bwd",
+                )
+            axis.set_xscale("log", base=2)
+            axis.set_yscale("log")
+            axis.set_xticks(sizes, [str(b) for b in sizes])
+            axis.set_xlabel("batch size")
+            axis.set_ylabel(label)
+            axis.set_title(f"{quantity}: {label}")
+            axis.grid(True, which="both", alpha=0.3)
+    handles = {}
+    for axis in axes.flat:
+        for handle, label in zip(*axis.get_legend_handles_labels(), strict=True):
+            handles.setdefault(label, handle)
+    labels = [n for n in [*implementations, "plain fwd+bwd"] if n in handles]
+    if labels:
+        figure.legend([handles[n] for n in labels], labels, loc="lower center", ncol=5, fontsize=8)
+    figure.suptitle(f"{rows['case'].iloc[0]} on {rows['device'].iloc[0]} (log-log)")
+    figure.tight_layout(rect=(0, 0.07, 1, 1))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.stem}.tmp.png")
+    figure.savefig(temporary, dpi=80)
+    plt.close(figure)
+    temporary.replace(path)
+    return path
+
+
+# -- the report --------------------------------------------------------------------------------
+
+
+def render(frame: pd.DataFrame, environments: dict[str, dict], plots: dict) -> str:
+    """REPORT.md's text from the concatenated tables."""
+    lines = [
+        "# pegbench benchmark report",
+        "",
+        "Generated by `python -m bench report` from `results/<device>/cells.csv`; do not edit.",
+        "",
+        "**Time ratio** = median seconds of the call / median seconds of a plain forward + "
+        "`loss.sum().backward()` on the same model and batch, timed interleaved in the same "
+        "process (torch.utils.benchmark `blocked_autorange`). "
+        f"`{NOISY_MARK}`: IQR above {NOISY_RELATIVE_IQR:.0%} of the median for the call or the "
+        "plain step. **Memory ratio** = peak memory of one call above its baseline (CPU: heap "
+        "peak read by memray; CUDA: `max_memory_allocated`) / the same for the plain step.",
+        "",
+        "**Correct** = the implementation's answer on an 8-example batch of the same bench "
+        "model agrees with the float64 oracle (`correctness.oracle`, a per-example loop) within "
+        "the agreement harness's tolerance; only correct implementations can be *fastest*. "
+        f"Cells marked `{WRONG_MARK.strip()}` failed that check.",
+        "",
+    ]
+    devices = list(dict.fromkeys(frame["device"]))
+    if not devices:
+        lines.append("_No results yet: run `python -m bench`._")
+    for device in devices:
+        table = headline(frame, device)
+        lines += [f"## Headline ({device}): fastest correct implementation, time ratio", ""]
+        lines += [markdown_table(table, "case, quantity") if len(table) else "_none_", ""]
+    for device in devices:
+        rows_device = frame[frame["device"] == device]
+        lines += [f"## {device}", "", _environment_line(environments.get(device, {})), ""]
+        for case in dict.fromkeys(rows_device["case"]):
+            rows = rows_device[rows_device["case"] == case]
+            lines += [f"### {case}", ""]
+            if case in DESCRIPTIONS:
+                lines += [DESCRIPTIONS[case], ""]
+            for quantity in dict.fromkeys(rows["quantity"]):
+                these = rows[rows["quantity"] == quantity]
+                times = pivot(these, _time_cell)
+                plain = pd.DataFrame(
+                    [_plain_row(these, "plain_median_s", _format_seconds)],
+                    index=["plain step (s)"],
+                )
+                lines += [f"#### {quantity}: time ratio", ""]
+                lines += [markdown_table(pd.concat([times, plain]).fillna(""), "implementation")]
+                memory = pivot(these, _memory_cell)
+                plain_memory = pd.DataFrame(
+                    [_plain_row(these, "plain_peak_bytes", _format_bytes)],
+                    index=["plain step peak"],
+                )
+                lines += ["", f"#### {quantity}: peak memory, ratio to the plain step (peak)", ""]
+                table = pd.concat([memory, plain_memory]).fillna("")
+                lines += [markdown_table(table, "implementation"), ""]
+                best = fastest(these)
+                if len(best):
+                    winners = ", ".join(
+                        f"B={int(r.batch_size)}: {r.implementation} ({_format_ratio(r.ratio)})"
+                        for r in best.itertuples()
+                    )
+                    lines += [f"Fastest correct ({quantity}): {winners}", ""]
+            missing = _not_measured(rows)
+            if missing:
+                lines += ["Not measured, or not correct:", "", *missing, ""]
+            plot = plots.get((device, case))
+            if plot:
+                lines += [f"![{case} on {device}]({plot})", ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def write_report(root: Path = Path("results")) -> Path:
+    """Regenerate ``<root>/REPORT.md`` and the plots from the tables under ``root``."""
+    root = Path(root)
+    frame = store.read_tables(root)
+    environments = {}
+    plots = {}
+    for device in dict.fromkeys(frame["device"]):
+        folder = root / str(device)
+        environments[device] = store.read_environment(folder)
+        rows_device = frame[frame["device"] == device]
+        for case in dict.fromkeys(rows_device["case"]):
+            path = plot_case(
+                rows_device[rows_device["case"] == case], folder / "plots" / f"{case}.png"
+            )
+            if path is not None:
+                plots[(device, case)] = path.relative_to(root).as_posix()
+    path = root / REPORT_NAME
+    store.write_atomically(path, render(frame, environments, plots))
+    return path

@@ -7,6 +7,8 @@ For each (implementation, case) it checks five quantities:
 - ``gram``        inner products within the batch, Tensor[B, B]
 - ``cross_batch`` inner products with a second batch (train x test), Tensor[B, B']
 - ``cross_checkpoint`` inner products with a second batch at a second model (θ vs θ')
+- ``double_backward`` d/dθ of Σ_i ‖g_i‖ + Σ_ij W_ij ⟨g_i, g_j⟩ through ``create_graph=True``
+  (implementations that cannot differentiate their results refuse it)
 
 and grades each ``ok`` (relative error within tolerance), ``unsupported`` (the implementation
 refused with a reason), ``WRONG`` (a number off by more than the tolerance, or a number where
@@ -27,7 +29,7 @@ from correctness import oracle
 from correctness.cases import CASES, Case
 from impls import Unsupported
 
-QUANTITIES = ("norms", "per_param", "gram", "cross_batch", "cross_checkpoint")
+QUANTITIES = ("norms", "per_param", "gram", "cross_batch", "cross_checkpoint", "double_backward")
 TOLERANCE = {torch.float64: 1e-6, torch.float32: 1e-4}
 BATCH_SIZE, OTHER_BATCH_SIZE = 5, 3
 
@@ -95,14 +97,21 @@ def problem(case_name: str) -> Problem:
         return Problem(case, model, other_model, batch, other_batch, None, str(refusal))
     there = oracle.per_example_gradients(model, case.loss_fn, other_batch)
     there_other_model = oracle.per_example_gradients(other_model, case.loss_fn, other_batch)
+    weights = objective_weights(BATCH_SIZE, case.dtype)
     references = {
         "norms": oracle.norms(here),
         "per_param": oracle.per_param_norms(here),
         "gram": oracle.inner(here, here),
         "cross_batch": oracle.inner(here, there),
         "cross_checkpoint": oracle.inner(here, there_other_model),
+        "double_backward": oracle.double_backward(model, case.loss_fn, batch, weights),
     }
     return Problem(case, model, other_model, batch, other_batch, references)
+
+
+def objective_weights(batch_size: int, dtype: torch.dtype) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(7)
+    return torch.randn(batch_size, batch_size, generator=generator, dtype=torch.float64).to(dtype)
 
 
 def compute(implementation, p: Problem, quantity: str):
@@ -119,6 +128,20 @@ def compute(implementation, p: Problem, quantity: str):
         return implementation.inner(
             p.model, loss_fn, p.batch, p.other_batch, other_model=p.other_model
         )
+    if quantity == "double_backward":
+        norms = implementation.norms(p.model, loss_fn, p.batch, create_graph=True)
+        gram = implementation.inner(p.model, loss_fn, p.batch, create_graph=True)
+        weights = objective_weights(
+            p.batch[0].shape[0] if torch.is_tensor(p.batch[0]) else p.batch[0][0].shape[0],
+            p.case.dtype,
+        )
+        params = dict((n, q) for n, q in p.model.named_parameters() if q.requires_grad)
+        value = oracle.objective(norms, gram, weights)
+        grads = torch.autograd.grad(value, list(params.values()), allow_unused=True)
+        return {
+            n: torch.zeros_like(q) if g is None else g
+            for (n, q), g in zip(params.items(), grads, strict=False)
+        }
     raise ValueError(f"unknown quantity '{quantity}'")
 
 

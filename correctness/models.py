@@ -10,7 +10,7 @@ from torch import nn
 class MLP(nn.Sequential):
     def __init__(self, sizes=(784, 512, 512, 10)):
         layers = []
-        for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
+        for fan_in, fan_out in zip(sizes[:-1], sizes[1:], strict=False):
             layers += [nn.Linear(fan_in, fan_out), nn.ReLU(inplace=True)]
         super().__init__(*layers[:-1])
 

@@ -11,6 +11,7 @@ import copy
 
 import torch
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from impls.base import check_per_example_gradients_defined
 
@@ -31,14 +32,18 @@ def _example(x, i):
     return x
 
 
-def per_example_gradients(model: nn.Module, loss_fn, batch) -> dict[str, Tensor]:
+def per_example_gradients(
+    model: nn.Module, loss_fn, batch, *, reference: nn.Module | None = None
+) -> dict[str, Tensor]:
     """name -> float64 Tensor[B, *shape] over the trainable parameters (first name of a tied one).
 
     Raises ``impls.Unsupported`` when per-example gradients are undefined (BatchNorm in train
-    mode).
+    mode). With ``reference`` (a float64 copy of the model) the gradients keep their graph, so
+    they can be differentiated again w.r.t. the reference's parameters.
     """
     check_per_example_gradients_defined(model)
-    reference = copy.deepcopy(model).double()
+    create_graph = reference is not None
+    reference = reference if create_graph else copy.deepcopy(model).double()
     params = {n: p for n, p in reference.named_parameters() if p.requires_grad}
     inputs, targets = batch
     inputs = (inputs,) if isinstance(inputs, Tensor) else tuple(inputs)
@@ -47,11 +52,13 @@ def per_example_gradients(model: nn.Module, loss_fn, batch) -> dict[str, Tensor]
     rows = []
     for i in range(size):
         loss = loss_fn(reference(*_example(inputs, i)), _example(targets, i))
-        grads = torch.autograd.grad(loss.sum(), list(params.values()), allow_unused=True)
+        grads = torch.autograd.grad(
+            loss.sum(), list(params.values()), allow_unused=True, create_graph=create_graph
+        )
         rows.append(
             [
                 torch.zeros_like(p) if g is None else (g.to_dense() if g.is_sparse else g)
-                for p, g in zip(params.values(), grads)
+                for p, g in zip(params.values(), grads, strict=False)
             ]
         )
     return {
@@ -70,3 +77,23 @@ def per_param_norms(grads: dict[str, Tensor]) -> dict[str, Tensor]:
 
 def inner(left: dict[str, Tensor], right: dict[str, Tensor]) -> Tensor:
     return sum(left[n].flatten(1) @ right[n].flatten(1).T for n in left)
+
+
+def objective(norms_: Tensor, gram: Tensor, weights: Tensor) -> Tensor:
+    """A scalar function of the results, differentiated by the ``double_backward`` check."""
+    return norms_.sum() + (gram * weights).sum()
+
+
+def double_backward(model: nn.Module, loss_fn, batch, weights: Tensor) -> dict[str, Tensor]:
+    """name -> float64 d objective(norms, Gram) / dθ, through per-example gradients in float64."""
+    reference = copy.deepcopy(model).double()
+    params = {n: p for n, p in reference.named_parameters() if p.requires_grad}
+    # the math attention kernel: the fused CPU kernels have no double backward
+    with sdpa_kernel([SDPBackend.MATH]):
+        grads = per_example_gradients(model, loss_fn, batch, reference=reference)
+    value = objective(norms(grads), inner(grads, grads), weights.double())
+    result = torch.autograd.grad(value, list(params.values()), allow_unused=True)
+    return {
+        n: torch.zeros_like(p) if g is None else g
+        for (n, p), g in zip(params.items(), result, strict=False)
+    }

@@ -6,7 +6,11 @@ import pandas as pd
 
 from correctness.harness import Outcome
 
-FAMILIES = {"norms": ("norms", "per_param"), "inner": ("gram", "cross_batch", "cross_checkpoint")}
+FAMILIES = {
+    "norms": ("norms", "per_param"),
+    "inner": ("gram", "cross_batch", "cross_checkpoint"),
+    "double_backward": ("double_backward",),
+}
 
 
 def _cell(outcomes: list[Outcome], notes: dict[str, int]) -> str:
@@ -64,7 +68,6 @@ def format_matrix(outcomes: list[Outcome]) -> str:
     if notes:
         lines.append("Notes:")
         lines += [f"  [{k}] {text}" for text, k in sorted(notes.items(), key=lambda kv: kv[1])]
-    failed = [o for o in outcomes if o.failed]
     lines.append("")
     lines.append(
         f"{len(outcomes)} checks: {sum(o.status == 'ok' for o in outcomes)} ok, "

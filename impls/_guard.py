@@ -40,8 +40,7 @@ def preserved_model(model: nn.Module):
         saved_modules.append((m, dict(m.__dict__), dicts, m.training))
     params = {id(p): p for m in modules for p in m._parameters.values() if p is not None}
     saved_params = [
-        (p, p.requires_grad, p.grad, dict(p.__dict__), p._backward_hooks and dict(p._backward_hooks))
-        for p in params.values()
+        (p, p.requires_grad, p.grad, dict(p.__dict__), _hooks_of(p)) for p in params.values()
     ]
     buffers = {id(b): b for m in modules for b in m._buffers.values() if b is not None}
     saved_buffers = [(b, b._version, b.detach().clone()) for b in buffers.values()]
@@ -63,10 +62,14 @@ def preserved_model(model: nn.Module):
             p.__dict__.update(attrs)  # the caller's own attributes (e.g. their grad_sample)
             p.requires_grad_(requires_grad)
             p.grad = grad
-            if hooks is not None:
+            if p._backward_hooks is not None:  # tensor hooks someone added: gone again
                 p._backward_hooks.clear()
-                p._backward_hooks.update(hooks)
+                p._backward_hooks.update(hooks or {})
         with torch.no_grad():
             for b, version, value in saved_buffers:
                 if b._version != version:
                     b.copy_(value)
+
+
+def _hooks_of(p: torch.Tensor) -> dict | None:
+    return dict(p._backward_hooks) if p._backward_hooks is not None else None

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from impls._guard import preserved_model
 
@@ -120,12 +121,19 @@ def example_slice(side: Side, start: int, stop: int) -> tuple[tuple[Tensor, ...]
 
 
 @contextlib.contextmanager
-def _untouched(*models: nn.Module):
-    """The models come back exactly as given, and so does the global random state."""
+def _untouched(*models: nn.Module, create_graph: bool = False):
+    """The models come back exactly as given, and so does the global random state.
+
+    Gradients are enabled inside (a caller under ``torch.no_grad()`` still gets an answer); with
+    ``create_graph`` attention runs on the math kernel, the fused ones have no double backward.
+    """
     devices = sorted(
         {p.device.index or 0 for m in models for p in m.parameters() if p.device.type == "cuda"}
     )
     with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.enable_grad())
+        if create_graph:
+            stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
         stack.enter_context(torch.random.fork_rng(devices=devices))
         seen = set()
         for model in models:
@@ -164,7 +172,7 @@ class Implementation:
         if not side.params:
             zeros = torch.zeros(side.batch_size, dtype=side.dtype, device=side.device)
             return {} if per_param else zeros
-        with _untouched(model):
+        with _untouched(model, create_graph=create_graph):
             squared = self._squared_norms(side, loss_fn, create_graph)
         if per_param:
             return {n: _safe_sqrt(squared[n]) for n in side.params}
@@ -186,8 +194,12 @@ class Implementation:
         means the batch itself (the Gram matrix), ``other_model=None`` the same model.
         """
         side = self._side(model, batch)
-        other_side = side if other is None and other_model is None else self._side(
-            model if other_model is None else other_model, batch if other is None else other
+        other_side = (
+            side
+            if other is None and other_model is None
+            else self._side(
+                model if other_model is None else other_model, batch if other is None else other
+            )
         )
         _check_same_parameters(side, other_side)
         self._check_create_graph(create_graph)
@@ -198,7 +210,7 @@ class Implementation:
         check_per_example_gradients_defined(other_side.model)
         if not side.params:
             return torch.zeros(b1, b2, dtype=side.dtype, device=side.device)
-        with _untouched(side.model, other_side.model):
+        with _untouched(side.model, other_side.model, create_graph=create_graph):
             return self._inner(side, other_side, loss_fn, create_graph)
 
     # -- for subclasses ------------------------------------------------------------------------
@@ -242,7 +254,9 @@ class MaterializingImplementation(Implementation):
         if create_graph:  # differentiable everywhere, also where a gradient is zero
             return {n: g.flatten(1).pow(2).sum(1) for n, g in samples.items()}
         # vector_norm reduces without a [B, P] temporary (5x faster on large layers)
-        return {n: torch.linalg.vector_norm(g.flatten(1), dim=1).square() for n, g in samples.items()}
+        return {
+            n: torch.linalg.vector_norm(g.flatten(1), dim=1).square() for n, g in samples.items()
+        }
 
     def _inner(self, side, other, loss_fn, create_graph):
         left = self._grad_samples(side, loss_fn, create_graph)

@@ -17,11 +17,12 @@ class NaiveLoop(MaterializingImplementation):
         for i in range(side.batch_size):
             inputs, targets = example_slice(side, i, i + 1)
             loss = per_example_losses(loss_fn, side.model(*inputs), targets, 1)[0]
-            grads = torch.autograd.grad(
-                loss, params, allow_unused=True, create_graph=create_graph
-            )
+            grads = torch.autograd.grad(loss, params, allow_unused=True, create_graph=create_graph)
             rows.append(
-                [torch.zeros_like(p) if g is None else _dense(g) for p, g in zip(params, grads)]
+                [
+                    torch.zeros_like(p) if g is None else _dense(g)
+                    for p, g in zip(params, grads, strict=False)
+                ]
             )
         return {n: torch.stack([r[k] for r in rows]) for k, n in enumerate(side.params)}
 

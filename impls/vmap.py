@@ -8,8 +8,31 @@ from __future__ import annotations
 
 import torch
 from torch.func import functional_call, grad, vmap
+from torch.overrides import TorchFunctionMode
 
-from impls.base import MaterializingImplementation, per_example_losses
+from impls.base import MaterializingImplementation, Unsupported, per_example_losses
+
+# Ops whose double backward under vmap(grad) is wrong in torch.func (found by the harness's
+# double_backward check: ~1e-2 relative error through an affine LayerNorm / RMSNorm, torch 2.13).
+_WRONG_DOUBLE_BACKWARD = {
+    torch.nn.functional.layer_norm: "layer_norm",
+    torch.layer_norm: "layer_norm",
+    torch.nn.functional.rms_norm: "rms_norm",
+    torch.rms_norm: "rms_norm",
+}
+
+
+class _SpotOps(TorchFunctionMode):
+    """Remember the first call of an op from ``ops``."""
+
+    def __init__(self, ops):
+        super().__init__()
+        self.ops, self.seen = ops, None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if self.seen is None and func in self.ops:
+            self.seen = self.ops[func]
+        return func(*args, **(kwargs or {}))
 
 
 class Vmap(MaterializingImplementation):
@@ -38,7 +61,22 @@ class Vmap(MaterializingImplementation):
             in_dims=(None, 0, targets_batched),
             chunk_size=self.chunk_size,
         )
-        return per_example(params, side.inputs, targets)
+        if not create_graph:
+            return per_example(params, side.inputs, targets)
+        with _SpotOps(_WRONG_DOUBLE_BACKWARD) as spot:
+            try:
+                samples = per_example(params, side.inputs, targets)
+            except RuntimeError as error:  # a batching rule torch.func lacks with create_graph
+                first = str(error).splitlines()[0] if str(error) else type(error).__name__
+                raise Unsupported(
+                    f"torch.func vmap cannot differentiate this model: {first}"
+                ) from error
+        if spot.seen:
+            raise Unsupported(
+                f"vmap cannot differentiate through {spot.seen}: torch.func's double backward "
+                f"of it is wrong in torch {torch.__version__} (use naive or ghost)"
+            )
+        return samples
 
 
 def _batched_dims(targets):

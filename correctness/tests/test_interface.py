@@ -108,8 +108,12 @@ def _observable_state(model: torch.nn.Module):
     for name, module in model.named_modules():
         state[f"{name}:dict"] = sorted(module.__dict__)
         state[f"{name}:training"] = module.training
-        for hooks in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
-                      "_backward_pre_hooks"):
+        for hooks in (
+            "_forward_hooks",
+            "_forward_pre_hooks",
+            "_backward_hooks",
+            "_backward_pre_hooks",
+        ):
             state[f"{name}:{hooks}"] = list(getattr(module, hooks).items())
         state[f"{name}:modules"] = [(k, id(v)) for k, v in module._modules.items()]
     for name, p in model.named_parameters():
@@ -129,8 +133,10 @@ def _same(a, b):
     return a == b
 
 
-@pytest.mark.parametrize("case_name", ["mlp", "transformer", "lstm", "tied_embedding",
-                                       "batchnorm_eval", "batchnorm_train"])
+@pytest.mark.parametrize(
+    "case_name",
+    ["mlp", "transformer", "lstm", "tied_embedding", "batchnorm_eval", "batchnorm_train"],
+)
 @pytest.mark.parametrize("name", NAMES)
 def test_model_untouched_and_calls_repeatable(name, case_name):
     case = get_case(case_name)

@@ -70,8 +70,15 @@ def conv_problems(draw):
     seed = draw(st.integers(0, 2**16))
     torch.manual_seed(seed)
     conv = getattr(torch.nn, f"Conv{dims}d")(
-        c_in, c_out, kernel, stride=stride, padding=padding, dilation=dilation,
-        groups=groups, bias=bias, padding_mode=mode,
+        c_in,
+        c_out,
+        kernel,
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        groups=groups,
+        bias=bias,
+        padding_mode=mode,
     )
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, c_in, *([size] * dims), generator=gen)

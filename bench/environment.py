@@ -66,7 +66,7 @@ def describe(device: str, threads: int) -> dict:
     """A JSON-able record of the machine and software a sweep on ``device`` runs with."""
     info = {
         "device": device,
-        "recorded_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "recorded_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "python": platform.python_version(),
         "platform": platform.platform(),
         "versions": {p: _version(p) for p in _PACKAGES},

@@ -167,7 +167,7 @@ def _environment_line(environment: dict) -> str:
         f"opacus {versions.get('opacus')}",
         f"backpack {versions.get('backpack-for-pytorch')}",
         f"CPU {environment.get('cpu')} ({environment.get('cpu_count')} cores)",
-        f"{environment.get('threads')} threads",
+        f"threads: {environment.get('threads')}",
     ]
     if environment.get("gpu"):
         parts.append(f"GPU {environment['gpu'].get('name')}")
@@ -321,9 +321,11 @@ def render(frame: pd.DataFrame, environments: dict[str, dict], plots: dict) -> s
             missing = _not_measured(rows)
             if missing:
                 lines += ["Not measured, or not correct:", "", *missing, ""]
-            plot = plots.get((device, case))
+            plot = plots.get((device, case), "")
             if plot:
                 lines += [f"![{case} on {device}]({plot})", ""]
+            elif (device, case) in plots:
+                lines += ["_No plot: matplotlib is not installed here._", ""]
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -334,15 +336,13 @@ def write_report(root: Path = Path("results")) -> Path:
     environments = {}
     plots = {}
     for device in dict.fromkeys(frame["device"]):
-        folder = root / str(device)
+        folder = root / str(device).split(":")[0]  # the store's folder: the device type
         environments[device] = store.read_environment(folder)
         rows_device = frame[frame["device"] == device]
         for case in dict.fromkeys(rows_device["case"]):
-            path = plot_case(
-                rows_device[rows_device["case"] == case], folder / "plots" / f"{case}.png"
-            )
-            if path is not None:
-                plots[(device, case)] = path.relative_to(root).as_posix()
+            rows = rows_device[rows_device["case"] == case]
+            path = plot_case(rows, folder / "plots" / f"{case}.png")
+            plots[(device, case)] = path.relative_to(root).as_posix() if path else ""
     path = root / REPORT_NAME
     store.write_atomically(path, render(frame, environments, plots))
     return path

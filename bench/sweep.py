@@ -202,7 +202,7 @@ def torch_threads(threads: int):
 
 
 def _now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
 
 
 def _gib(n: float) -> str:
@@ -393,7 +393,7 @@ class Sweep:
             row.update(status="skipped", reason=reason)
         else:
             try:
-                row.update(self._measure(cell, started))
+                row.update(self._measure(cell, time.perf_counter()))  # check not counted
                 row["status"] = "ok"
             except Unsupported as refusal:
                 row.update(status="unsupported", reason=str(refusal))
@@ -422,7 +422,7 @@ class Sweep:
         def remaining() -> float:
             left = s.budget_s - (time.perf_counter() - started)
             if left <= 0:
-                raise BudgetExceeded(f"ran past its {s.budget_s:g} s budget")
+                raise BudgetExceeded(f"ran past the {s.budget_s:g} s cell budget")
             return left
 
         over_budget = f"ran past the {s.budget_s:g} s cell budget"

@@ -289,6 +289,16 @@ def test_report_from_a_tiny_table(tmp_path):
         assert "](cpu/plots/fake.png)" in text
 
 
+def test_a_plain_environment_degrades_gracefully(tmp_path, monkeypatch):
+    for module in ("memray", "matplotlib", "tqdm", "tqdm.auto"):
+        monkeypatch.setitem(sys.modules, module, None)  # as if not installed
+    results, _ = sweep(tmp_path, {"fake": FakeImplementation(0.0005)}, quantities=["norms"])
+    row = rows_by_implementation(results)["fake"]
+    assert row["status"] == "ok" and row["memory_note"].startswith("memray not installed")
+    text = report.write_report(tmp_path).read_text()
+    assert "matplotlib is not installed" in text and "| fake | " in text
+
+
 def test_cli_report_and_bad_arguments(tmp_path, capsys):
     assert main(["report", "--out", str(tmp_path)]) == 0
     assert "No results yet" in (tmp_path / "REPORT.md").read_text()

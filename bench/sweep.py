@@ -492,6 +492,13 @@ class Sweep:
             "plain_peak_bytes": plain_peak,
             "memory_ratio": peak / plain_peak if peak is not None and plain_peak else None,
             "memory_note": call_memory.note or plain_memory.note,
+            # per interleaved round: call median / plain median of that round (both sides saw
+            # the same machine); not a table column: the regression gate reads it from the rows
+            # that ``Sweep.run`` returns
+            "round_ratios": tuple(
+                c / p
+                for c, p in zip(call_stats.round_medians, plain_stats.round_medians, strict=True)
+            ),
         }
 
     # -- many cells --------------------------------------------------------------------------

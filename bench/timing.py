@@ -11,7 +11,7 @@ import contextlib
 import signal
 import threading
 import timeit
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +35,8 @@ class Stats:
     median: float
     iqr: float
     samples: tuple[float, ...]
+    #: the median of each interleaved round, in order (empty when not timed by ``interleaved``)
+    round_medians: tuple[float, ...] = ()
 
     @property
     def relative_iqr(self) -> float:
@@ -45,8 +47,14 @@ class Stats:
         return self.relative_iqr > NOISY_RELATIVE_IQR
 
     @classmethod
-    def of(cls, measurement: Measurement) -> Stats:
-        return cls(measurement.median, measurement.iqr, tuple(measurement.times))
+    def of(cls, measurement: Measurement, rounds: Sequence[Measurement] = ()) -> Stats:
+        """Stats of a (merged) measurement; ``rounds``: the per-round measurements behind it."""
+        return cls(
+            measurement.median,
+            measurement.iqr,
+            tuple(measurement.times),
+            tuple(r.median for r in rounds),
+        )
 
 
 def device_timer(device: str | torch.device) -> Callable[[], float]:
@@ -107,7 +115,7 @@ def interleaved(
             measured[name].append(t.blocked_autorange(min_run_time=min_run_time))
     (call_m,) = Measurement.merge(measured["call"])
     (plain_m,) = Measurement.merge(measured["plain"])
-    return Stats.of(call_m), Stats.of(plain_m)
+    return Stats.of(call_m, measured["call"]), Stats.of(plain_m, measured["plain"])
 
 
 #: seconds to wait before trying again when the alarm finds an import in progress

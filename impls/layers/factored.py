@@ -33,17 +33,24 @@ from torch import Tensor
 
 @dataclass
 class Costs:
-    """Relative seconds per multiply-add of each kind of work (measured: impls/tests/perf_ghost).
+    """Relative seconds per multiply-add of each kind of work.
 
-    ``gemm``: one large matrix product; ``bmm``: many small products (per example);
-    ``elementwise``: a streaming pass (squares, products, sums, zero fills); ``gather``: indexed
-    reads and scattered adds.
+    ``gemm``: one large matrix product (a Gram matrix across examples); ``bmm``: many small
+    per-example products (the T x T products of the factored forms); ``materialise``: building
+    per-example gradients a feature chunk at a time; ``elementwise``: a streaming pass (squares,
+    products, sums, zero fills).
+
+    Measured (``python -m impls.tests.perf_ghost --calibrate``, 2 CPU cores): for the norms of a
+    Linear the two forms cost the same near T ≈ 1.2·i·o/(i+o) (factored T²(i+o) per example
+    against T·i·o), which these constants reproduce; for the Gram matrix near
+    n·T²·(i+o) ≈ T·i·o·1.2 + n·i·o (n = 128: T ≈ 12 at i = o = 256, where the per-norm rule
+    2T² ≤ i·o would pick the factored form up to T = 181 and run 90x slower).
     """
 
     gemm: float = 1.0
     bmm: float = 1.5
+    materialise: float = 1.8
     elementwise: float = 4.0
-    gather: float = 16.0
     #: "factored" or "materialised" overrides the choice (for measurements and tests)
     force: str | None = None
 
@@ -372,7 +379,7 @@ def _outer_diagonal(left: Outer, right: Outer) -> Tensor:
             products = (cols_l * cols_r).sum(-1) * (rows_l * rows_r).sum(-1)
         return products.flatten(1).sum(1)
     factored = n * groups * t * s * ((i + o) * COSTS.bmm + COSTS.elementwise)
-    build = (t if same else t + s) * COSTS.bmm + COSTS.elementwise
+    build = (t if same else t + s) * COSTS.materialise + COSTS.elementwise
     materialised = n * groups * i * o * build
     if COSTS.factored_is_cheaper(factored, materialised):
         out, row_products = [], []
@@ -427,7 +434,7 @@ def _outer_inner(left: Outer, right: Outer, same: bool) -> Tensor:
     if o == 0:
         return rows_l.new_zeros(n, m)
     factored = n * m * groups * t * s * ((i + o) * COSTS.gemm + COSTS.elementwise)
-    build = (n * t if same else n * t + m * s) * COSTS.bmm
+    build = (n * t if same else n * t + m * s) * COSTS.materialise
     products = n * m * COSTS.gemm
     materialised = groups * i * o * (build + products)
     if COSTS.factored_is_cheaper(factored, materialised):

@@ -20,7 +20,9 @@ Targets (issue 3):
   (the zoo's models at batch size ``--zoo-batch``), when those are registered.
 
 ``--forms`` also times ghost with the cost model overridden (all factored, all materialised):
-how the per-layer choice compares with either fixed form.
+how the per-layer choice compares with either fixed form. ``--calibrate`` measures one Linear's
+factored and materialised reductions over T (norms and Gram matrix) and reports how much slower
+than the better form the cost model's choice and the fixed rule 2T² <= i·o are.
 """
 
 from __future__ import annotations
@@ -106,6 +108,66 @@ def _forced(force, fn):
     return run
 
 
+def calibrate(threads, min_run_time, clock):
+    """Factored against materialised for one Linear's weight, over T: the measured crossover,
+    and how much slower than the better form the cost model's choice and the fixed rule
+    2T² <= i·o are (1.00 = the better form)."""
+    from impls.layers.factored import Outer, inner
+
+    print("\ncalibration: time(factored) / time(materialised) per T; then the slowdown of each")
+    print("policy's choice against the better form (cost model, rule 2T² <= i·o)")
+    regrets = {"cost model": [], "2T² <= i·o": []}
+    for quantity, n in (("norms", 64), ("gram", 128)):
+        for i, o in ((64, 64), (256, 256), (256, 1024), (1024, 256)):
+            cells = []
+            for t in (2, 4, 8, 16, 32, 64, 128, 256, 512):
+                if n * t * max(i, o) > 1 << 25:
+                    continue
+                gen = torch.Generator().manual_seed(t)
+                rows = torch.randn(n, 1, t, o, generator=gen)
+                factors = Outer(rows, torch.randn(n, 1, t, i, generator=gen), (o, i))
+                if quantity == "norms":
+                    run = factors.squared_norms
+                else:
+                    run = partial(inner, factors, factors, same=True)
+                times = {
+                    form: _seconds(_forced(form, run), threads, min_run_time, clock)
+                    for form in ("factored", "materialised")
+                }
+                best = min(times.values())
+                chosen = "factored" if _chooses_factored(run) else "materialised"
+                rule = "factored" if 2 * t * t <= i * o else "materialised"
+                regrets["cost model"].append(times[chosen] / best)
+                regrets["2T² <= i·o"].append(times[rule] / best)
+                ratio = times["factored"] / times["materialised"]
+                cells.append(f"T={t}:{ratio:.2g}{chosen[0]}{rule[0]}")
+            print(f"  {quantity:5s} n={n} i={i} o={o}: " + " ".join(cells), flush=True)
+    print("  (suffix: the cost model's choice, then the rule's; f = factored, m = materialised)")
+    for policy, values in regrets.items():
+        mean = statistics.geometric_mean(values)
+        print(
+            f"  {policy:12s} slowdown vs the better form: mean {mean:.2f}x, worst "
+            f"{max(values):.1f}x"
+        )
+
+
+def _chooses_factored(run) -> bool:
+    """Whether the cost model picks the factored form for ``run`` (recorded, not timed)."""
+    chosen = []
+    original = factored.Costs.factored_is_cheaper
+
+    def spy(self, f, m):
+        chosen.append(original(self, f, m))
+        return chosen[-1]
+
+    factored.Costs.factored_is_cheaper = spy
+    try:
+        run()
+    finally:
+        factored.Costs.factored_is_cheaper = original
+    return chosen[0]
+
+
 def _row(label, quantity, name, values, plain_s, target=None):
     median = statistics.median(values)
     verdict = "" if target is None else ("met" if median <= target else "NOT met")
@@ -133,7 +195,10 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--forms", action="store_true", help="also time all-factored/material")
     parser.add_argument(
-        "--only", nargs="*", default=None, help="targets, zoo (default: everything)"
+        "--calibrate", action="store_true", help="measure factored vs materialised over T"
+    )
+    parser.add_argument(
+        "--only", nargs="*", default=None, help="targets, zoo (default: both; none: neither)"
     )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -151,7 +216,7 @@ def main(argv=None) -> int:
         f"{'[min..max]':12s}  {'plain ms':>8s}  target"
     )
     failed = 0
-    only = set(args.only or ["targets", "zoo"])
+    only = set(["targets", "zoo"] if args.only is None else args.only)
 
     if "targets" in only:
         problems = [
@@ -200,6 +265,8 @@ def main(argv=None) -> int:
             versus = [g / min(values[p][k] for p in peers) for k, g in enumerate(values["ghost"])]
             median = _row(label, "norms", "ghost / best peer", versus, plain_s, 0.9)
             failed += median > 0.9
+    if args.calibrate:
+        calibrate(args.threads, args.min_run_time, args.clock)
     return 1 if failed else 0
 
 

@@ -270,6 +270,34 @@ def test_attention_projections_agree_with_naive(force, name):
         assert isinstance(factors["bias_k"], Dense)
 
 
+class EncoderDecoder(nn.Module):
+    """nn.TransformerEncoderLayer and a norm-first nn.TransformerDecoderLayer (cross-attention
+    of a shorter query on the encoder's memory)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(20, 8)
+        self.encoder = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+        self.decoder = nn.TransformerDecoderLayer(
+            8, 2, 16, dropout=0.0, batch_first=True, norm_first=True
+        )
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, tokens):
+        h = self.embed(tokens)
+        return self.head(self.decoder(h[:, :3], self.encoder(h)).mean(1))
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_transformer_layers_agree_with_naive(train):
+    torch.manual_seed(0)
+    model = EncoderDecoder().double().train(train)
+    gen = torch.Generator().manual_seed(1)
+    batch = (torch.randint(0, 20, (4, 5), generator=gen), torch.tensor([0, 1, 2, 0]))
+    other = (torch.randint(0, 20, (3, 5), generator=gen), torch.tensor([2, 1, 0]))
+    _agree("ghost", model, batch, other)
+
+
 def test_attention_with_frozen_projection():
     model, batch, other = _attention_problem("key_is_value", frozen={"attn.in_proj_weight"})
     _agree("ghost", model, batch, other)

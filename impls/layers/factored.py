@@ -8,7 +8,10 @@ A rule describes example n's gradient of one parameter, from one call, as one of
   group), placed at rows ``row_start`` of a larger parameter (MultiheadAttention's packed
   in_proj_weight) when asked;
 - :class:`Indexed`: Σ_p e_{row_p} values_pᵀ over the entries p of example n (Embedding: one
-  entry per non-padding position).
+  entry per non-padding position);
+- :class:`RowSums`: Σ_t rows_nt of an Outer (the bias beside a weight), reusing the products
+  of rows the weight's reductions formed;
+- :class:`Sum`: several of the above (a parameter used at places whose forms differ).
 
 :func:`inner` (Tensor[n, n'], two batches) and :func:`diagonal` (Tensor[n], two factors of one
 batch: the cross term of a parameter used at two places) choose per pair and per quantity between
@@ -40,7 +43,8 @@ class Costs:
     per-example gradients a feature chunk at a time; ``elementwise``: a streaming pass (squares,
     products, sums, zero fills).
 
-    Measured (``python -m impls.tests.perf_ghost --calibrate``, 2 CPU cores): for the norms of a
+    Measured (``python -m impls.tests.perf_ghost --calibrate --threads 1 --clock cpu``, on the
+    shared 2-core development machine, whose elapsed times were too noisy): for the norms of a
     Linear the two forms cost the same near T ≈ 1.2·i·o/(i+o) (factored T²(i+o) per example
     against T·i·o), which these constants reproduce; for the Gram matrix near
     n·T²·(i+o) ≈ T·i·o·1.2 + n·i·o (n = 128: T ≈ 12 at i = o = 256, where the per-norm rule

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from bench import regress
+
 QUICK = dict(
     batch_sizes=[16, 64],  # per case, those not above the case's default ladder
     rounds=2,
@@ -198,6 +200,7 @@ def run_report(args) -> int:
 COMMANDS: dict[str, tuple[Callable, Callable, str]] = {
     "sweep": (add_sweep_arguments, run_sweep, "time and memory sweep, then REPORT.md (default)"),
     "report": (add_report_arguments, run_report, "regenerate REPORT.md and plots from the CSVs"),
+    "regress": (regress.add_arguments, regress.run, "performance-regression gate vs a baseline"),
 }
 
 

@@ -40,7 +40,7 @@ COLUMNS = (
     "plain_peak_bytes",  # the same for the plain step
     "memory_ratio",  # memory_peak_bytes / plain_peak_bytes
     "memory_note",  # why memory is missing, if it is
-    "correct",  # ok | WRONG | unsupported | error | unchecked: agreement with the oracle
+    "correct",  # oracle check of the group: ok | WRONG | unsupported | error | timeout | unchecked
     "check_error",  # max relative error of that check
     "threads",  # torch intra-op threads during the measurement
     "wall_s",  # wall seconds the whole cell took

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from bench import regress
+from bench import compare, regress
 
 QUICK = dict(
     batch_sizes=[16, 64],  # per case, those not above the case's default ladder
@@ -201,6 +201,7 @@ COMMANDS: dict[str, tuple[Callable, Callable, str]] = {
     "sweep": (add_sweep_arguments, run_sweep, "time and memory sweep, then REPORT.md (default)"),
     "report": (add_report_arguments, run_report, "regenerate REPORT.md and plots from the CSVs"),
     "regress": (regress.add_arguments, regress.run, "performance-regression gate vs a baseline"),
+    "compare": (compare.add_arguments, compare.run, "every implementation on your own model file"),
 }
 
 

@@ -122,8 +122,9 @@ def _tensors(value: Any) -> list[torch.Tensor] | None:
     """The tensors of a Tensor or a tuple/list of Tensors; None for anything else."""
     if isinstance(value, torch.Tensor):
         return [value]
-    if isinstance(value, (tuple, list)) and value and all(isinstance(t, torch.Tensor) for t in value):
-        return list(value)
+    if isinstance(value, (tuple, list)) and value:
+        if all(isinstance(t, torch.Tensor) for t in value):
+            return list(value)
     return None
 
 

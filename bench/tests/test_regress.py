@@ -1,0 +1,312 @@
+"""The regression gate: its decisions on synthetic baselines and samples, the baseline file, the
+command's exit codes (with the measurement replaced by synthetic results), the slowdown
+injection, and one short end-to-end run on the fake case of known cost."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench import regress
+from bench.__main__ import main
+from bench.regress import (
+    IMPROVEMENT,
+    NOT_GATED,
+    REGRESSION,
+    UNCHANGED,
+    Baseline,
+    BaselineError,
+    CellResult,
+    SlowedDown,
+    Thresholds,
+    decide,
+    load_baseline,
+    write_baseline,
+)
+from bench.sweep import Settings, plan
+from bench.tests.fakes import FAKE_CASE, FakeImplementation, Refuses
+
+MIB = 2**20
+LOOSE = Thresholds(time=1.0, memory=0.25, alpha=0.01)
+
+
+def cell(
+    ratio=2.0,
+    samples=(1.9, 2.0, 2.1, 2.02, 1.95, 2.05),
+    memory_ratio=1.5,
+    status="ok",
+    implementation="ghost",
+    plain_peak=100 * MIB,
+    **kw,
+) -> CellResult:
+    ok = status == "ok"
+    return CellResult(
+        case=kw.pop("case", "mlp_mnist"),
+        implementation=implementation,
+        quantity=kw.pop("quantity", "norms"),
+        batch_size=kw.pop("batch_size", 16),
+        status=status,
+        reason=kw.pop("reason", "" if ok else f"{status} because"),
+        ratio=ratio if ok else None,
+        ratio_samples=tuple(samples) if ok else (),
+        memory_ratio=memory_ratio if ok else None,
+        memory_peak_bytes=int(memory_ratio * plain_peak) if ok else None,
+        plain_peak_bytes=plain_peak if ok else None,
+    )
+
+
+def scaled(values, factor):
+    return tuple(v * factor for v in values)
+
+
+def only(decisions, metric):
+    (decision,) = [d for d in decisions if d.metric == metric]
+    return decision
+
+
+# -- decisions -----------------------------------------------------------------------------------
+
+
+def test_unchanged_cell_passes():
+    base = cell()
+    run = cell(ratio=2.3, samples=scaled(base.ratio_samples, 1.15), memory_ratio=1.5)
+    decisions = decide([base], [run], LOOSE)
+    assert {d.metric: d.verdict for d in decisions} == {"time": UNCHANGED, "memory": UNCHANGED}
+    assert not regress.regressions(decisions)
+
+
+def test_ten_times_slower_regresses_with_the_rank_test():
+    base = cell()
+    run = cell(ratio=20.0, samples=scaled(base.ratio_samples, 10))
+    time = only(decide([base], [run], LOOSE), "time")
+    assert time.verdict == REGRESSION
+    assert time.change == pytest.approx(10.0)
+    assert time.p_value == pytest.approx(1 / 924)  # 6 against 6, all greater: exact test
+
+
+def test_beyond_threshold_but_rank_test_disagrees_is_not_a_regression():
+    # one wild round drags the median up; the rounds overlap with the baseline's
+    base = cell(ratio=2.0, samples=(1.0, 1.5, 2.0, 2.5, 3.0, 6.0))
+    run = cell(ratio=4.5, samples=(1.1, 1.6, 2.1, 6.5, 7.0, 9.0))
+    time = only(decide([base], [run], LOOSE), "time")
+    assert time.verdict == UNCHANGED
+    assert time.p_value > LOOSE.alpha
+    assert "rank test disagrees" in time.note
+
+
+def test_within_threshold_is_unchanged_even_when_significant():
+    base = cell()
+    run = cell(ratio=3.0, samples=scaled(base.ratio_samples, 1.5))  # 1.5x < 2x
+    assert only(decide([base], [run], LOOSE), "time").verdict == UNCHANGED
+    strict = Thresholds(time=0.25)
+    assert only(decide([base], [run], strict), "time").verdict == REGRESSION
+
+
+def test_too_few_rounds_for_the_rank_test_the_threshold_decides():
+    base = cell()
+    run = cell(ratio=20.0, samples=(20.0,))  # the budget allowed one round
+    time = only(decide([base], [run], LOOSE), "time")
+    assert time.verdict == REGRESSION
+    assert "too few" in time.note
+    assert regress.smallest_p_value(1, 6) == pytest.approx(1 / 7)
+
+
+def test_improvement_is_reported_not_gated():
+    base = cell(ratio=20.0, samples=scaled(cell().ratio_samples, 10))
+    run = cell()
+    decisions = decide([base], [run], LOOSE)
+    assert only(decisions, "time").verdict == IMPROVEMENT
+    assert not regress.regressions(decisions)
+
+
+def test_memory_regression_needs_threshold_and_floor():
+    base = cell(memory_ratio=1.5)
+    assert only(decide([base], [cell(memory_ratio=2.0)], LOOSE), "memory").verdict == REGRESSION
+    assert only(decide([base], [cell(memory_ratio=1.8)], LOOSE), "memory").verdict == UNCHANGED
+    # 3x the ratio, but 20 KiB more at a 10 KiB plain peak: under the floor
+    tiny = cell(memory_ratio=1.0, plain_peak=10 * 1024)
+    grown = cell(memory_ratio=3.0, plain_peak=10 * 1024)
+    assert only(decide([tiny], [grown], LOOSE), "memory").verdict == UNCHANGED
+    shrunk = only(decide([base], [cell(memory_ratio=0.5)], LOOSE), "memory")
+    assert shrunk.verdict == IMPROVEMENT
+
+
+def test_missing_memory_is_not_gated():
+    base = cell()
+    run = CellResult(**{**base.__dict__, "memory_ratio": None})
+    assert only(decide([base], [run], LOOSE), "memory").verdict == NOT_GATED
+
+
+@pytest.mark.parametrize("status", ["unsupported", "timeout", "error", "oom", "skipped"])
+def test_ok_in_baseline_and_failing_now_regresses(status):
+    decisions = decide([cell()], [cell(status=status)], LOOSE)
+    (decision,) = decisions
+    assert decision.verdict == REGRESSION and decision.metric == "status"
+    assert status in decision.note
+
+
+def test_cells_not_ok_on_either_side_or_new_are_not_gated():
+    refused = cell(status="unsupported", implementation="function")
+    newly_ok = cell(implementation="function")
+    new = cell(implementation="brand_new")
+    decisions = decide([refused], [refused, new], LOOSE)
+    assert [d.verdict for d in decisions] == [NOT_GATED, NOT_GATED]
+    assert "new cell" in decisions[1].note
+    (better,) = decide([refused], [newly_ok], LOOSE)
+    assert better.verdict == IMPROVEMENT
+    # baseline cells the run did not ask for are left out
+    assert decide([cell(), refused], [cell()], LOOSE)[0].key == cell().key
+
+
+def test_table_and_summary_name_the_regression():
+    base = cell()
+    run = cell(ratio=20.0, samples=scaled(base.ratio_samples, 10))
+    decisions = decide([base], [run], LOOSE)
+    table = regress.format_table(regress.regressions(decisions))
+    assert "REGRESSION" in table and "ghost" in table and "x10.00" in table
+    assert regress.summary(decisions, LOOSE).startswith("regress: FAIL")
+
+
+# -- the baseline file ---------------------------------------------------------------------------
+
+
+def test_baseline_round_trip(tmp_path):
+    cells = [cell(), cell(status="unsupported", implementation="function")]
+    original = Baseline(cells, {"cpu": "test", "torch_build": "x"}, {"threads": 1})
+    path = tmp_path / "baseline.json"
+    write_baseline(path, original)
+    data = json.loads(path.read_text())
+    assert data["format"] == regress.BASELINE_FORMAT
+    assert data["regenerate_with"] == regress.UPDATE_COMMAND
+    assert data["cells"][0]["ratio_samples"] == list(cells[0].ratio_samples)
+    loaded = load_baseline(path)
+    assert loaded.cells == cells
+    assert loaded.environment == original.environment and loaded.settings == original.settings
+
+
+def test_missing_or_unreadable_baseline(tmp_path):
+    with pytest.raises(BaselineError, match="--update-baseline"):
+        load_baseline(tmp_path / "nothing.json")
+    (tmp_path / "bad.json").write_text('{"format": "something else", "cells": []}')
+    with pytest.raises(BaselineError, match="unreadable"):
+        load_baseline(tmp_path / "bad.json")
+
+
+# -- the command ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def synthetic_runs(monkeypatch):
+    """Replace the measurement with synthetic results: ``runs["next"]`` is what it returns."""
+    runs = {"next": [cell()], "calls": []}
+
+    def fake_measure(cells, settings, implementations=None, progress=True):
+        runs["calls"].append((len(cells), settings, dict(implementations or {})))
+        return list(runs["next"])
+
+    monkeypatch.setattr(regress, "measure", fake_measure)
+    return runs
+
+
+def gate(tmp_path, *extra):
+    return main(
+        ["regress", "--baseline", str(tmp_path / "b.json"), "--no-progress", "--impls", "ghost"]
+        + list(extra)
+    )
+
+
+def test_exit_codes(tmp_path, synthetic_runs, capsys):
+    assert gate(tmp_path) == 2  # no baseline yet
+    assert "--update-baseline" in capsys.readouterr().err
+    assert gate(tmp_path, "--update-baseline") == 0
+    assert load_baseline(tmp_path / "b.json").cells == [cell()]
+    assert gate(tmp_path) == 0
+    assert "regress: PASS" in capsys.readouterr().out
+    synthetic_runs["next"] = [cell(ratio=20.0, samples=scaled(cell().ratio_samples, 10))]
+    assert gate(tmp_path, "--threshold", "1.0") == 1
+    out = capsys.readouterr().out
+    assert "REGRESSION" in out and "regress: FAIL" in out
+    synthetic_runs["next"] = [cell(status="timeout")]
+    assert gate(tmp_path) == 1
+    # --update-baseline accepts the new state and exits 0
+    assert gate(tmp_path, "--update-baseline") == 0
+    assert load_baseline(tmp_path / "b.json").cells[0].status == "timeout"
+    assert gate(tmp_path) == 0
+
+
+def test_save_writes_the_run(tmp_path, synthetic_runs):
+    gate(tmp_path, "--update-baseline")
+    assert gate(tmp_path, "--save", str(tmp_path / "run.json")) == 0
+    assert load_baseline(tmp_path / "run.json").cells == [cell()]
+
+
+def test_bad_arguments_exit_2(tmp_path, synthetic_runs, capsys):
+    gate(tmp_path, "--update-baseline")
+    capsys.readouterr()
+    for extra in (
+        ["--inject-slowdown", "ghost"],
+        ["--inject-slowdown", "ghost=0"],
+        ["--inject-slowdown", "nonexistent=10"],
+        ["--inject-slowdown", "ghost=10", "--update-baseline"],
+        ["--batch-sizes", "0"],
+        ["--cases", "no_such_case"],
+    ):
+        assert gate(tmp_path, *extra) == 2, extra
+        err = capsys.readouterr().err
+        assert err.startswith("regress: ") and err.count("\n") == 1, err
+    assert main(["regress", "--baseline", str(tmp_path / "b.json"), "--impls", "nope"]) == 2
+
+
+def test_injection_wraps_only_the_named_implementation(tmp_path, synthetic_runs):
+    gate(tmp_path, "--update-baseline")
+    gate(tmp_path, "--inject-slowdown", "ghost=10")
+    _, settings, implementations = synthetic_runs["calls"][-1]
+    assert set(implementations) == {"ghost"}
+    assert isinstance(implementations["ghost"], SlowedDown)
+    assert implementations["ghost"].factor == 10
+    assert settings.threads == regress.GATE_THREADS and settings.rounds == regress.GATE_ROUNDS
+
+
+def test_gate_cells_keep_slow_implementations_at_the_smallest_size():
+    cells = regress.gate_cells()
+    sizes = {(c.implementation, c.batch_size) for c in cells}
+    for name in regress.SLOW_IMPLEMENTATIONS:
+        assert (name, min(regress.GATE_BATCH_SIZES)) in sizes
+        assert (name, max(regress.GATE_BATCH_SIZES)) not in sizes
+    assert ("ghost", max(regress.GATE_BATCH_SIZES)) in sizes
+    assert {c.case.name for c in cells} == set(regress.GATE_CASES)
+
+
+def test_slowed_down_repeats_the_whole_call():
+    fake = FakeImplementation(seconds_per_example=0.0)
+    slow = SlowedDown(fake, 3)
+    batch = FAKE_CASE.make_batch(4, 0, "cpu")
+    model = FAKE_CASE.make_model(0, "cpu")
+    model.seconds_per_example = 0.0
+    first = slow.norms(model, FAKE_CASE.loss_fn, batch)
+    assert fake.calls == {4: 3}
+    assert first.equal(fake.norms(model, FAKE_CASE.loss_fn, batch))
+    slow.inner(model, FAKE_CASE.loss_fn, batch)
+    assert fake.calls == {4: 7}
+    with pytest.raises(ValueError):
+        SlowedDown(fake, 0)
+
+
+def test_end_to_end_on_the_fake_case():
+    """The real sweep on a fake of known cost: per-round samples come back, a 10x injected
+    slowdown regresses, a refusal stays a refusal. Margins are wide (10x against a 2x
+    threshold); nothing here asserts a time."""
+    settings = Settings(threads=1, rounds=4, min_run_time=0.01, budget_s=5.0, check=False)
+    fake = FakeImplementation(seconds_per_example=0.002)
+    cells = plan([FAKE_CASE], ["fake", "refuses"], quantities=["norms"], batch_sizes=[4])
+    implementations = {"fake": fake, "refuses": Refuses()}
+    baseline = regress.measure(cells, settings, implementations, progress=False)
+    by_name = {c.implementation: c for c in baseline}
+    assert by_name["fake"].status == "ok" and len(by_name["fake"].ratio_samples) == 4
+    assert by_name["refuses"].status == "unsupported"
+    slowed = {**implementations, "fake": SlowedDown(fake, 10)}
+    run = regress.measure(cells, settings, slowed, progress=False)
+    verdicts = {(d.key[1], d.metric): d.verdict for d in decide(baseline, run, LOOSE)}
+    assert verdicts[("fake", "time")] == REGRESSION
+    assert verdicts[("refuses", "status")] == NOT_GATED

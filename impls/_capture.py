@@ -48,17 +48,25 @@ class _ParameterUseWatch(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if self.uncovered is None:
-            for arg in (*args, *kwargs.values()):
-                for x in arg if isinstance(arg, (list, tuple)) else (arg,):
-                    key = id(x)
-                    if key in self.names_by_id and not self.coverage[key]:
-                        self.uncovered = self.names_by_id[key]
+            self._check(args)
+            if kwargs:
+                self._check(kwargs.values())
         if self.active:
             rule, uses = self.active[-1]
             result = rule.intercept(func, args, kwargs, uses, self.create_graph)
             if result is not NotImplemented:
                 return result
         return func(*args, **kwargs)
+
+    def _check(self, arguments):
+        names, coverage = self.names_by_id, self.coverage
+        for arg in arguments:
+            if isinstance(arg, (list, tuple)):
+                for x in arg:
+                    if id(x) in names and not coverage[id(x)]:
+                        self.uncovered = names[id(x)]
+            elif id(arg) in names and not coverage[id(arg)]:
+                self.uncovered = names[id(arg)]
 
 
 class LayerCapture:
@@ -167,9 +175,11 @@ class LayerCapture:
             for key in keys:
                 coverage[key] -= 1
             uses = active.pop()[1] if intercepts else []
-            leaves, _ = tree_flatten(outputs)
+            leaves = [outputs] if isinstance(outputs, Tensor) else tree_flatten(outputs)[0]
             tensors = [x for x in leaves if isinstance(x, Tensor) and x.requires_grad]
-            in_leaves, _ = tree_flatten((args, kwargs))
+            in_leaves = args if not kwargs else tree_flatten((args, kwargs))[0]
+            if any(not isinstance(x, Tensor) and isinstance(x, (list, tuple, dict)) for x in args):
+                in_leaves = tree_flatten((args, kwargs))[0]
             versions = [(x, x._version) for x in in_leaves if isinstance(x, Tensor)]
             call = LayerCall(
                 module=module,

@@ -134,7 +134,7 @@ class Outer(Factors):
             raise ValueError(f"factor shapes differ: {self.rows.shape} vs {self.cols.shape}")
         self.shape = torch.Size(self.shape)
         # products of the rows a reduction formed, for the bias (:class:`RowSums`) to reuse:
-        # "norms" -> [n, G, t, t] (g_t·g_s per example); id(other) -> (other, [n, m]) with
+        # "norms" -> [n]: Σ_g Σ_{t,s} g_t·g_s per example; id(other) -> (other, [n, m]) with
         # Σ_{t,s} g_t·g'_s between the examples of two factors
         self.row_products: dict = {}
 
@@ -197,7 +197,7 @@ class RowSums(Factors):
     def squared_norms(self) -> Tensor:
         products = self.outer.row_products.get("norms")
         if products is not None:
-            return products.sum((1, 2, 3))
+            return products
         return super().squared_norms()
 
 
@@ -377,7 +377,7 @@ def _outer_diagonal(left: Outer, right: Outer) -> Tensor:
         if same:
             rows = rows_l.pow(2).sum(-1)  # [n, G, 1]
             if left.full:
-                left.row_products["norms"] = rows.unsqueeze(-1)
+                left.row_products["norms"] = rows.flatten(1).sum(1)
             products = cols_l.pow(2).sum(-1) * rows
         else:
             products = (cols_l * cols_r).sum(-1) * (rows_l * rows_r).sum(-1)
@@ -391,7 +391,7 @@ def _outer_diagonal(left: Outer, right: Outer) -> Tensor:
             cols = cols_l[a:b] @ cols_r[a:b].transpose(2, 3)  # [n, G, t, s]
             rows = rows_l[a:b] @ rows_r[a:b].transpose(2, 3)
             out.append((cols * rows).flatten(1).sum(1))
-            row_products.append(rows)
+            row_products.append(rows.flatten(1).sum(1))
         if same and left.full:
             left.row_products["norms"] = torch.cat(row_products)
         return torch.cat(out)

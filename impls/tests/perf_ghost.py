@@ -173,7 +173,7 @@ def _row(label, quantity, name, values, plain_s, target=None):
     verdict = "" if target is None else ("met" if median <= target else "NOT met")
     target_s = "" if target is None else f"<= {target:g}"
     print(
-        f"{label:28s} {quantity:6s} {name:22s} {median:6.3f}  "
+        f"{label:28s} {quantity:6s} {name:25s} {median:6.3f}  "
         f"[{min(values):.2f}..{max(values):.2f}]  {plain_s * 1e3:8.1f}  {target_s:7s} {verdict}",
         flush=True,
     )
@@ -212,7 +212,7 @@ def main(argv=None) -> int:
         f"{args.clock} clock"
     )
     print(
-        f"{'model, batch':28s} {'':6s} {'implementation':22s} {'ratio':>6s}  "
+        f"{'model, batch':28s} {'':6s} {'implementation':25s} {'ratio':>6s}  "
         f"{'[min..max]':12s}  {'plain ms':>8s}  target"
     )
     failed = 0

@@ -228,6 +228,15 @@ CASES: list[Case] = [
         tags=("fallback",),
     ),
     Case("two_inputs", models.TwoInputNet, partial(two_inputs, classes=2), CE, tags=("linear",)),
+    # a trap: the sequence length equals the harness's batch size (5), so only data flow tells
+    # that the position embedding is shared; hook-based methods must refuse, never answer
+    Case(
+        "shared_position_ids",
+        models.SharedPositionIds,
+        partial(tokens_and_classes, length=5, vocab=30, classes=3),
+        CE,
+        tags=("embedding", "trap"),
+    ),
     Case(
         "batchnorm_eval",
         models.BatchNormMLP,

@@ -249,3 +249,21 @@ class LowRankMLP(nn.Module):
 
     def forward(self, x):
         return self.head(torch.tanh(self.body(x)))
+
+
+class SharedPositionIds(nn.Module):
+    """Position embedding called on ``torch.arange(T)``: its output is shared by all examples.
+
+    A trap for hook-based methods: with T equal to the batch size every shape looks batched,
+    and reading per-example gradients from the hooks gives silently wrong numbers.
+    """
+
+    def __init__(self, vocab=30, length=5, dim=8, classes=3):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.position = nn.Embedding(length, dim)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, tokens):
+        h = self.embed(tokens) + self.position(torch.arange(tokens.shape[1]))
+        return self.head(torch.tanh(h).mean(1))

@@ -15,6 +15,7 @@ in-place op (``ReLU(inplace=True)``) does not shift which tensor's gradient is r
 from __future__ import annotations
 
 import threading
+import weakref
 from collections import defaultdict
 
 import torch
@@ -27,6 +28,14 @@ from impls.base import Unsupported
 from impls.layers import LayerCall, LayerRule, VmapFallback, rule_for
 
 _DIRECT_FALLBACK = VmapFallback(recursive=False)
+
+
+def _carries_gradient(result) -> bool:
+    if isinstance(result, Tensor):
+        return result.requires_grad
+    if isinstance(result, (tuple, list)):
+        return any(isinstance(r, Tensor) and r.requires_grad for r in result)
+    return False
 
 
 class _ParameterUseWatch(TorchFunctionMode):
@@ -44,19 +53,57 @@ class _ParameterUseWatch(TorchFunctionMode):
         self.uncovered: str | None = None
         self.active: list[tuple[LayerRule, list]] = []
         self.create_graph = False
+        self.batched: dict[int, weakref.ref] | None = None  # id -> tensor, once tracking
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if self.uncovered is None:
-            self._check(args)
-            if kwargs:
-                self._check(kwargs.values())
+        result = NotImplemented
         if self.active:
             rule, uses = self.active[-1]
             result = rule.intercept(func, args, kwargs, uses, self.create_graph)
-            if result is not NotImplemented:
-                return result
-        return func(*args, **kwargs)
+        if result is NotImplemented:
+            result = func(*args, **kwargs)
+        # only a call whose result carries gradient uses a parameter: reading p.dtype, p.shape
+        # or p.device, or p.detach(), is no gradient path
+        if self.uncovered is None and _carries_gradient(result):
+            self._check(args)
+            if kwargs:
+                self._check(kwargs.values())
+        if self.batched is not None and (
+            self._any_batched(args) or (kwargs and self._any_batched(kwargs.values()))
+        ):
+            self.track_batch(result)
+        return result
+
+    # -- which tensors carry the batch ---------------------------------------------------------
+    # A tensor carries the batch when it is computed from the model's inputs: the inputs are
+    # tagged, and every torch call with a tagged argument tags its results. A layer called on an
+    # untagged tensor (``self.position(torch.arange(T))``) has an output shared by all examples,
+    # so its per-example gradients cannot be read from its hooks, even when T happens to equal B
+    # and every shape looks batched.
+
+    def track_batch(self, tensors) -> None:
+        if self.batched is None:
+            self.batched = {}
+        for t in tensors if isinstance(tensors, (tuple, list)) else (tensors,):
+            if isinstance(t, Tensor):
+                self.batched[id(t)] = weakref.ref(t)
+
+    def is_batched(self, tensor) -> bool | None:
+        """True/False for a tensor, None when the batch is not tracked."""
+        if self.batched is None:
+            return None
+        ref = self.batched.get(id(tensor))
+        return ref is not None and ref() is tensor
+
+    def _any_batched(self, args) -> bool:
+        batched = self.batched
+        for arg in args:
+            for x in arg if isinstance(arg, (list, tuple)) else (arg,):
+                ref = batched.get(id(x))
+                if ref is not None and ref() is x:
+                    return True
+        return False
 
     def _check(self, arguments):
         names, coverage = self.names_by_id, self.coverage
@@ -80,6 +127,7 @@ class LayerCapture:
         *,
         create_graph: bool = False,
         rules: dict[type, LayerRule] | None = None,
+        inputs: tuple[Tensor, ...] | None = None,
     ):
         self.model = model
         self.params = params
@@ -92,6 +140,8 @@ class LayerCapture:
         self._coverage: dict[int, int] = defaultdict(int)
         self._watch = _ParameterUseWatch(names_by_id, self._coverage)
         self._watch.create_graph = create_graph
+        if inputs is not None:  # tag the batch, so layers fed a shared tensor can be refused
+            self._watch.track_batch(tuple(inputs))
 
     # -- which modules are hooked, and with which rule --------------------------------------
 
@@ -195,6 +245,7 @@ class LayerCapture:
                 versions=versions,
                 edges=[get_gradient_edge(t) for t in tensors],
                 uses=uses,
+                input_batched=self._watch.is_batched(args[0]) if args else None,
             )
             self.calls.append(call)
 

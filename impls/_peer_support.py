@@ -135,6 +135,7 @@ class ForwardWatch:
         self._watch = _ParameterUseWatch({id(p): n for n, p in params.items()}, self._coverage)
         self._handles: list[Any] = []
         self._closed = False
+        self._exempt: set[int] = set()
 
     def __enter__(self) -> ForwardWatch:
         for name, module, keys in self.covered:
@@ -157,6 +158,15 @@ class ForwardWatch:
             )
         return False
 
+    def track_batch(self, inputs, exempt: Iterable[nn.Module] = ()) -> None:
+        """Tag the model's inputs: a covered module fed a tensor not computed from them (e.g.
+        ``torch.arange`` position ids) is refused, since its output is shared by all examples,
+        even when its first dimension happens to equal the batch size. ``exempt``: the library's
+        own layers, which build per-example tensors themselves (Opacus's DPRNN initial states).
+        """
+        self._watch.track_batch(tuple(inputs))
+        self._exempt = {id(m) for m in exempt}
+
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
@@ -168,6 +178,16 @@ class ForwardWatch:
                 raise Unsupported(
                     f"{label(name, module)} runs again during backward (activation "
                     "checkpointing?): the library's hooks would record a second call"
+                )
+            first = args[0] if args else next(iter(kwargs.values()), None)
+            if (
+                isinstance(first, Tensor)
+                and id(module) not in self._exempt
+                and self._watch.is_batched(first) is False
+            ):
+                raise Unsupported(
+                    f"{label(name, module)} was called on a tensor not computed from the batch's "
+                    "inputs (e.g. torch.arange position ids): its output is shared by all examples"
                 )
             self.calls[id(module)] += 1
             for key in keys:

@@ -167,6 +167,7 @@ def _backpack_run(side: Side, loss_fn, extension, savefield: str) -> dict[str, T
             for _, module in modules:
                 extend(module)
         with torch.enable_grad(), quiet("backpack"), backpack(extension):
+            watch.track_batch(side.inputs)
             with watch:
                 with library_errors("BackPACK"):
                     outputs = side.model(*side.inputs)

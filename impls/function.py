@@ -212,10 +212,11 @@ def recording(side: Side, calls: list[LayerCall]) -> Iterator[None]:
     planned = _plan(side)
     coverage: dict[int, int] = defaultdict(int)
     watch = _ParameterUseWatch({id(p): n for n, p in side.params.items()}, coverage)
+    watch.track_batch(side.inputs)  # a layer fed a tensor shared by all examples is refused
     overridden = []
     try:
         for plan in planned:
-            plan.module.forward = _forward_override(plan, side.batch_size, calls, coverage)
+            plan.module.forward = _forward_override(plan, side.batch_size, calls, coverage, watch)
             overridden.append(plan.module)
         with watch:
             yield
@@ -229,7 +230,7 @@ def recording(side: Side, calls: list[LayerCall]) -> Iterator[None]:
         )
 
 
-def _forward_override(plan: _Planned, batch_size: int, calls: list, coverage: dict):
+def _forward_override(plan: _Planned, batch_size: int, calls: list, coverage: dict, watch):
     module, keys = plan.module, [id(p) for p in plan.wanted.values()]
     rule = rule_for(module)
     owner = threading.get_ident()
@@ -251,6 +252,7 @@ def _forward_override(plan: _Planned, batch_size: int, calls: list, coverage: di
             wanted=plan.wanted,
             batch_size=batch_size,
             versions=[(x, x._version)] if isinstance(x, Tensor) else [],
+            input_batched=watch.is_batched(x),
         )
         for key in keys:
             coverage[key] += 1

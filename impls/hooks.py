@@ -16,7 +16,12 @@ from impls.base import MaterializingImplementation, per_example_losses
 def captured_forward_backward(side, loss_fn, create_graph, rules=None) -> LayerCapture:
     """Run the forward under a capture, then the backward to the captured outputs."""
     with LayerCapture(
-        side.model, side.params, side.batch_size, create_graph=create_graph, rules=rules
+        side.model,
+        side.params,
+        side.batch_size,
+        create_graph=create_graph,
+        rules=rules,
+        inputs=side.inputs,
     ) as capture:
         outputs = side.model(*side.inputs)
         losses = per_example_losses(loss_fn, outputs, side.targets, side.batch_size)

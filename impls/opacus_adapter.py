@@ -223,6 +223,7 @@ def _opacus_run(side: Side, loss_fn, ghost: bool) -> dict[str, Tensor]:
         working = dict(_trainable(plan.model))
         watch = _watch(hook_sets, plan, side.batch_size, ghost, working, handles)
         with torch.enable_grad(), quiet("opacus"):
+            watch.track_batch(side.inputs, [m for _, dp, _ in plan.swapped for m in dp.modules()])
             with watch:
                 with library_errors(library):
                     outputs = hook_sets[0](*side.inputs)

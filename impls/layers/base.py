@@ -84,6 +84,7 @@ class LayerCall:
     grad_outputs: list[Tensor] = field(default_factory=list)  # aligned with output_tensors
     versions: list[tuple[Tensor, int]] = field(default_factory=list)
     edges: list[Any] = field(default_factory=list)  # autograd gradient edges of output_tensors
+    input_batched: bool | None = None  # computed from the model's inputs (None: unknown)
     uses: list[LinearUse] = field(default_factory=list)  # linear calls inside (intercepting rules)
 
     @property
@@ -92,6 +93,11 @@ class LayerCall:
         x = self.args[0] if self.args else self.kwargs.get("input")
         if not isinstance(x, Tensor):
             raise Unsupported(f"module '{self.name}' was called without a tensor input")
+        if self.input_batched is False:
+            raise Unsupported(
+                f"module '{self.name}' was called on a tensor not computed from the batch's "
+                "inputs (e.g. torch.arange position ids): its output is shared by all examples"
+            )
         if x.dim() == 0 or x.shape[0] != self.batch_size:
             raise Unsupported(
                 f"module '{self.name}' was called on a tensor of shape {tuple(x.shape)} without "

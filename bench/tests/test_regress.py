@@ -18,7 +18,7 @@ from bench.regress import (
     Baseline,
     BaselineError,
     CellResult,
-    SlowedDown,
+    Injected,
     Thresholds,
     decide,
     load_baseline,
@@ -235,6 +235,43 @@ def test_exit_codes(tmp_path, synthetic_runs, capsys):
     assert gate(tmp_path) == 0
 
 
+def test_confirm_keeps_only_repeated_regressions():
+    base = cell()
+    slow = cell(ratio=20.0, samples=scaled(base.ratio_samples, 10))
+    first = decide([base], [slow], LOOSE)
+    (kept,) = regress.regressions(regress.confirm(first, decide([base], [slow], LOOSE)))
+    assert "confirmed: measured again, x10.00" in kept.note
+    dropped = only(regress.confirm(first, decide([base], [cell()], LOOSE)), "time")
+    assert dropped.verdict == UNCHANGED and dropped.note.startswith(regress.NOT_CONFIRMED)
+    # a cell that timed out, then measured fine
+    timed_out = decide([base], [cell(status="timeout")], LOOSE)
+    (status,) = regress.confirm(timed_out, decide([base], [cell()], LOOSE))
+    assert status.verdict == UNCHANGED and "x1.00" in status.note
+
+
+def test_a_burst_that_does_not_repeat_passes(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(regress, "measure", lambda *args, **kwargs: [cell()])
+    gate(tmp_path, "--update-baseline")
+    burst = [cell(ratio=20.0, samples=scaled(cell().ratio_samples, 10))]
+    queue, sizes = [], []
+
+    def measure(cells, settings, implementations=None, progress=True):
+        sizes.append(len(cells))
+        return queue.pop(0)
+
+    monkeypatch.setattr(regress, "measure", measure)
+    queue[:] = [burst, [cell()]]
+    assert gate(tmp_path) == 0
+    out = capsys.readouterr().out
+    assert "measuring them again (1/1)" in out and "not confirmed" in out
+    assert sizes[-1] == 1  # only the suspect cell was measured again
+    queue[:] = [burst, burst]
+    assert gate(tmp_path) == 1
+    queue[:] = [burst]
+    assert gate(tmp_path, "--confirm", "0") == 1  # the first measurement is believed
+    assert not queue
+
+
 def test_save_writes_the_run(tmp_path, synthetic_runs):
     gate(tmp_path, "--update-baseline")
     assert gate(tmp_path, "--save", str(tmp_path / "run.json")) == 0
@@ -246,7 +283,8 @@ def test_bad_arguments_exit_2(tmp_path, synthetic_runs, capsys):
     capsys.readouterr()
     for extra in (
         ["--inject-slowdown", "ghost"],
-        ["--inject-slowdown", "ghost=0"],
+        ["--inject-slowdown", "ghost=0.5"],
+        ["--inject-memory", "ghost=-1"],
         ["--inject-slowdown", "nonexistent=10"],
         ["--inject-slowdown", "ghost=10", "--update-baseline"],
         ["--batch-sizes", "0"],
@@ -260,11 +298,14 @@ def test_bad_arguments_exit_2(tmp_path, synthetic_runs, capsys):
 
 def test_injection_wraps_only_the_named_implementation(tmp_path, synthetic_runs):
     gate(tmp_path, "--update-baseline")
-    gate(tmp_path, "--inject-slowdown", "ghost=10")
+    gate(tmp_path, "--inject-slowdown", "ghost=10", "--inject-memory", "hooks=64")
     _, settings, implementations = synthetic_runs["calls"][-1]
-    assert set(implementations) == {"ghost"}
-    assert isinstance(implementations["ghost"], SlowedDown)
-    assert implementations["ghost"].factor == 10
+    assert set(implementations) == {"ghost", "hooks"}
+    assert isinstance(implementations["ghost"], Injected)
+    assert implementations["ghost"].slowdown == 10 and implementations["ghost"].extra_bytes == 0
+    assert (
+        implementations["hooks"].slowdown == 1 and implementations["hooks"].extra_bytes == 64 * MIB
+    )
     assert settings.threads == regress.GATE_THREADS and settings.rounds == regress.GATE_ROUNDS
 
 
@@ -278,19 +319,29 @@ def test_gate_cells_keep_slow_implementations_at_the_smallest_size():
     assert {c.case.name for c in cells} == set(regress.GATE_CASES)
 
 
-def test_slowed_down_repeats_the_whole_call():
+def test_injected_answers_the_same_and_holds_its_ballast(monkeypatch):
     fake = FakeImplementation(seconds_per_example=0.0)
-    slow = SlowedDown(fake, 3)
     batch = FAKE_CASE.make_batch(4, 0, "cpu")
     model = FAKE_CASE.make_model(0, "cpu")
     model.seconds_per_example = 0.0
-    first = slow.norms(model, FAKE_CASE.loss_fn, batch)
-    assert fake.calls == {4: 3}
-    assert first.equal(fake.norms(model, FAKE_CASE.loss_fn, batch))
-    slow.inner(model, FAKE_CASE.loss_fn, batch)
-    assert fake.calls == {4: 7}
-    with pytest.raises(ValueError):
-        SlowedDown(fake, 0)
+    seen = []
+    real_ones = regress.torch.ones
+    monkeypatch.setattr(regress.torch, "ones", lambda *a, **k: seen.append(a) or real_ones(*a, **k))
+    injected = Injected(fake, 3, extra_bytes=1000)
+    assert injected.norms(model, FAKE_CASE.loss_fn, batch).equal(
+        fake.norms(model, FAKE_CASE.loss_fn, batch)
+    )
+    injected.inner(model, FAKE_CASE.loss_fn, batch)
+    assert fake.calls == {4: 3}  # one call each: the slowdown is a busy loop, not repeats
+    assert seen == [(1000,), (1000,)]
+    for bad in ((0.5, 0), (1, -1)):
+        with pytest.raises(ValueError):
+            Injected(fake, *bad)
+    assert regress.parse_injection("ghost=2.5") == ("ghost", 2.5)
+    assert regress.parse_injection("ghost=0", "--inject-memory", 0) == ("ghost", 0.0)
+    for bad in ("ghost", "ghost=0.5", "=3", "ghost=x"):
+        with pytest.raises(ValueError, match="IMPL=NUMBER"):
+            regress.parse_injection(bad)
 
 
 def test_end_to_end_on_the_fake_case():
@@ -305,7 +356,7 @@ def test_end_to_end_on_the_fake_case():
     by_name = {c.implementation: c for c in baseline}
     assert by_name["fake"].status == "ok" and len(by_name["fake"].ratio_samples) == 4
     assert by_name["refuses"].status == "unsupported"
-    slowed = {**implementations, "fake": SlowedDown(fake, 10)}
+    slowed = {**implementations, "fake": Injected(fake, 10)}
     run = regress.measure(cells, settings, slowed, progress=False)
     verdicts = {(d.key[1], d.metric): d.verdict for d in decide(baseline, run, LOOSE)}
     assert verdicts[("fake", "time")] == REGRESSION

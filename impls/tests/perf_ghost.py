@@ -4,10 +4,11 @@ Not a test (pytest does not collect it): a measurement, printed as a table of ra
 
 Every time is a ratio to the plain training step of the same model and batch,
 ``model.zero_grad(set_to_none=True); loss_fn(model(x), y).sum().backward()``, measured in the
-same process, interleaved with it: each round times the plain step and each contender with
-``torch.utils.benchmark.Timer`` (``num_threads``, default 2), and the table reports the median
-and the spread (min..max) of the per-round ratios, so that load from other processes on a shared
-machine hits both sides of a ratio alike. ``--clock cpu`` measures CPU time instead of elapsed
+same process, interleaved with it: each round alternates short ``torch.utils.benchmark.Timer``
+timings (``num_threads``, default 2) of the plain step and of each contender, the round's ratio
+is the ratio of their medians, and the table reports the median and the spread (min..max) of
+the per-round ratios, so that load from other processes on a shared machine hits both sides of
+a ratio alike. ``--clock cpu`` measures CPU time instead of elapsed
 time: on a machine whose cores other processes keep busy, two OpenMP threads wait for each other
 at every parallel region, and elapsed times then count regions more than work.
 
@@ -79,20 +80,33 @@ def _seconds(fn, threads, min_run_time, clock="wall"):
 
 
 def ratios(model, loss_fn, batch, contenders, *, rounds, threads, min_run_time, clock):
-    """name -> per-round ratios time(contender) / time(plain step), interleaved."""
+    """name -> per-round ratios time(contender) / time(plain step), finely interleaved.
+
+    Each round alternates short timings (a few ms each) of the plain step and every contender
+    until ``min_run_time`` has passed, then takes the median of each: a burst of load from
+    another process falls on both sides of the ratio instead of spoiling one of them.
+    """
     plain = partial(plain_step, model, loss_fn, batch)
-    for fn in (plain, *contenders.values()):  # warm up (allocations, lazy imports)
-        fn()
+    everyone = {"plain": plain, **contenders}
+    timers, numbers = {}, {}
+    for name, fn in everyone.items():
+        fn()  # warm up (allocations, lazy imports)
+        timers[name] = Timer("fn()", globals={"fn": fn}, num_threads=threads, timer=CLOCKS[clock])
+        single = timers[name].timeit(1).median
+        numbers[name] = max(1, int(0.005 / max(single, 1e-6)))
     out = {name: [] for name in contenders}
     plain_times = []
     for r in range(rounds):
-        order = list(contenders.items())
-        if r % 2:
-            order.reverse()
-        base = _seconds(plain, threads, min_run_time, clock)
+        samples = {name: [] for name in everyone}
+        names = list(everyone)
+        start = time.perf_counter()
+        while time.perf_counter() - start < min_run_time or len(samples["plain"]) < 3:
+            for name in names if r % 2 == 0 else reversed(names):
+                samples[name].append(timers[name].timeit(numbers[name]).median)
+        base = statistics.median(samples["plain"])
         plain_times.append(base)
-        for name, fn in order:
-            out[name].append(_seconds(fn, threads, min_run_time, clock) / base)
+        for name in contenders:
+            out[name].append(statistics.median(samples[name]) / base)
     return out, statistics.median(plain_times)
 
 

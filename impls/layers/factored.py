@@ -79,6 +79,15 @@ def _chunks(total: int, per_item: int):
         yield start, min(total, start + step)
 
 
+def _part(x: Tensor, a: int, b: int) -> Tensor:
+    """x[a:b], without a slicing op when that is all of x."""
+    return x if a == 0 and b == x.shape[0] else x[a:b]
+
+
+def _cat(parts: list[Tensor]) -> Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
 # -- the factor kinds ---------------------------------------------------------------------------
 
 
@@ -387,14 +396,16 @@ def _outer_diagonal(left: Outer, right: Outer) -> Tensor:
     materialised = n * groups * i * o * build
     if COSTS.factored_is_cheaper(factored, materialised):
         out, row_products = [], []
+        keep = same and left.full  # the bias beside this weight reuses Σ_{t,s} g_t·g_s
         for a, b in _chunks(n, groups * t * s):
-            cols = cols_l[a:b] @ cols_r[a:b].transpose(2, 3)  # [n, G, t, s]
-            rows = rows_l[a:b] @ rows_r[a:b].transpose(2, 3)
+            cols = _part(cols_l, a, b) @ _part(cols_r, a, b).transpose(2, 3)  # [n, G, t, s]
+            rows = _part(rows_l, a, b) @ _part(rows_r, a, b).transpose(2, 3)
             out.append((cols * rows).flatten(1).sum(1))
-            row_products.append(rows.flatten(1).sum(1))
-        if same and left.full:
-            left.row_products["norms"] = torch.cat(row_products)
-        return torch.cat(out)
+            if keep:
+                row_products.append(rows.flatten(1).sum(1))
+        if keep:
+            left.row_products["norms"] = _cat(row_products)
+        return _cat(out)
     if same:
         return sum(block.pow(2).sum(1) for block in _materialised(rows_l, cols_l, n))
     blocks_l, blocks_r = _materialised(rows_l, cols_l, 2 * n), _materialised(rows_r, cols_r, 2 * n)
@@ -475,12 +486,12 @@ def _outer_inner_factored(rows_l, cols_l, rows_r, cols_r) -> Tensor:
     right_rows = rows_r.permute(1, 0, 2, 3).reshape(groups, m * s, -1)
     out = []
     for a, b in _chunks(n, groups * t * m * s):
-        left_cols = cols_l[a:b].permute(1, 0, 2, 3).reshape(groups, (b - a) * t, -1)
-        left_rows = rows_l[a:b].permute(1, 0, 2, 3).reshape(groups, (b - a) * t, -1)
+        left_cols = _part(cols_l, a, b).permute(1, 0, 2, 3).reshape(groups, (b - a) * t, -1)
+        left_rows = _part(rows_l, a, b).permute(1, 0, 2, 3).reshape(groups, (b - a) * t, -1)
         products = left_cols @ right_cols.transpose(1, 2)
         products = products * (left_rows @ right_rows.transpose(1, 2))
         out.append(products.reshape(groups, b - a, t, m, s).sum((0, 2, 4)))
-    return torch.cat(out)
+    return _cat(out)
 
 
 # -- Indexed x Indexed --------------------------------------------------------------------------

@@ -219,8 +219,10 @@ def probe(case: UserCase, batch_size: int) -> None:
     try:
         outputs = case.model(*inputs)
     except Exception as error:
+        shapes = ", ".join(str(list(t.shape)) for t in inputs)
         raise UserModelError(
-            f"{path}: the model's forward failed on {where}: {describe(error, path)}"
+            f"{path}: the model's forward failed on {where} (inputs {shapes}): "
+            f"{describe(error, path)}"
         ) from None
     try:
         losses = case.loss_fn(outputs, targets)

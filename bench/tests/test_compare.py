@@ -57,7 +57,7 @@ BAD_FILES = {
     ),
     "forward_fails": (
         TINY.replace("torch.randn(batch_size, 4)", "torch.randn(batch_size, 5)"),
-        "the model's forward failed on make_batch(2): RuntimeError: mat1 and mat2 shapes",
+        "the model's forward failed on make_batch(2) (inputs [2, 5]): RuntimeError: mat1 and mat2",
     ),
     "loss_is_a_mean": (
         TINY.replace('reduction="none"', 'reduction="mean"'),

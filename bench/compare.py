@@ -328,25 +328,30 @@ def verdict(rows: Sequence[Mapping], names: Sequence[str], batch_size: int) -> s
     """The verdict at one batch size: table, refusals, fastest, smallest memory, recommendation."""
     index = _index(rows)
     at_size = [r for r in rows if int(r["batch_size"]) == batch_size]
-    plain = next((r for r in at_size if _number(r.get("plain_median_s")) is not None), None)
+    plain_times = sorted(t for r in at_size if (t := _number(r.get("plain_median_s"))) is not None)
+    plain_peaks = [p for r in at_size if (p := _number(r.get("plain_peak_bytes"))) is not None]
     title = f"B={batch_size}"
-    if plain is not None:
-        title += (
-            f": a plain forward+backward takes {_ms(plain['plain_median_s'])}, "
-            f"peak {_mib(plain.get('plain_peak_bytes'))}; ratios below are to it"
-        )
+    if plain_times:
+        # every cell times its own plain step, interleaved with the call; this is their median
+        title += f": a plain forward+backward takes {_ms(plain_times[len(plain_times) // 2])}"
+        title += f", peak {_mib(max(plain_peaks))}" if plain_peaks else ""
+        title += "; ratios are to the plain step timed beside each call"
     lines, refusals = [], []
     for name in names:
         norms, gram = index.get((name, "norms", batch_size)), index.get((name, "gram", batch_size))
         both = [r for r in (norms, gram) if r]
-        if all(_correct(r) for r in both):
+        checks = [r.get("correct") for r in both]
+        # the oracle check's verdict, whether or not this batch size could be timed
+        if checks and all(c == "ok" for c in checks):
             correct = "yes"
-        elif any(r.get("correct") == "WRONG" for r in both):
+        elif "WRONG" in checks:
             correct = "WRONG"
-        elif any(r.get("status") == "unsupported" for r in both):
-            correct = "refuses" if not any(_correct(r) for r in both) else "partly"
+        elif "ok" in checks:
+            correct = "partly"
+        elif checks and all(c == "unsupported" for c in checks):
+            correct = "refuses"
         else:
-            correct = "partly" if any(_correct(r) for r in both) else "no"
+            correct = "/".join(sorted(set(map(str, checks)))) or "-"
         lines.append(
             (
                 name,

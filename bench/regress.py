@@ -2,8 +2,8 @@
 
 A short sweep of a fixed set of cells (``gate_cells``: the MLP, the CNN, the T=64
 transformer and the LSTM at B=16 and B=64, norms and Gram, every registered implementation,
-the per-example-loop ones only at B=16) is measured with ``bench.sweep`` and compared, cell by cell
-(implementation, case, batch size, quantity), with a committed baseline
+the per-example-loop ones only at B=16) is measured with ``bench.sweep`` and compared, cell by
+cell (implementation, case, batch size, quantity), with a committed baseline
 (``results/baseline-cpu.json``).
 
 What is compared is machine-independent as far as it goes: the time ratio to a plain
@@ -16,10 +16,13 @@ plain step. A cell **regresses** when
   ``alpha`` at all (a cell so slow that its budget cut the rounds), the threshold alone decides;
 - memory: its memory ratio is worse than the baseline's by more than ``memory_threshold`` and
   the peak grew by more than ``MEMORY_FLOOR_BYTES`` at the baseline's plain peak. memray's
-  peaks repeat to the byte on CPU runs of the same code, so no rank test: the floor only keeps
-  a few KiB of allocator slack on a tiny cell from counting;
+  CPU peaks repeat to within 0.3% between runs of the same code, so no rank test: the floor
+  only keeps a few KiB of allocator slack on a tiny cell from counting;
 - status: it was ok in the baseline and now is unsupported, fails, times out, runs out of
   memory or is skipped.
+
+A cell that looks regressed is measured again (``--confirm``, once by default) and counts
+only if it regresses again: a burst of load on a shared machine spans a whole cell.
 
 Improvements are found the same way in the other direction and reported, never gated. Cells
 that are not ok on either side, or present on one side only, are listed, not gated. The exit
@@ -688,6 +691,8 @@ def run(args: argparse.Namespace) -> int:
     for name in args.cases:
         if name not in BY_NAME:
             return _error(f"unknown bench case '{name}'; known: {', '.join(BY_NAME)}")
+    if min(args.threshold, args.memory_threshold, args.confirm) < 0 or not 0 < args.alpha <= 1:
+        return _error("thresholds and --confirm must be >= 0, --alpha in (0, 1]")
     if any(b < 1 for b in args.batch_sizes):
         return _error(f"batch sizes must be at least 1, got {args.batch_sizes}")
     if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():

@@ -289,6 +289,8 @@ def test_bad_arguments_exit_2(tmp_path, synthetic_runs, capsys):
         ["--inject-slowdown", "ghost=10", "--update-baseline"],
         ["--batch-sizes", "0"],
         ["--cases", "no_such_case"],
+        ["--threshold", "-1"],
+        ["--alpha", "0"],
     ):
         assert gate(tmp_path, *extra) == 2, extra
         err = capsys.readouterr().err

@@ -212,6 +212,12 @@ def main(argv=None) -> int:
         "--calibrate", action="store_true", help="measure factored vs materialised over T"
     )
     parser.add_argument(
+        "--targets",
+        nargs="*",
+        default=None,
+        help="some of mlp-norms transformer-norms mlp-gram transformer-gram (default: all)",
+    )
+    parser.add_argument(
         "--only", nargs="*", default=None, help="targets, zoo (default: both; none: neither)"
     )
     args = parser.parse_args(argv)
@@ -234,12 +240,15 @@ def main(argv=None) -> int:
 
     if "targets" in only:
         problems = [
-            ("MLP 784-512-512-10, B=256", "norms", mlp_problem(256), 1.05),
-            ("transformer T=64, B=64", "norms", transformer_problem(64), 1.05),
-            ("MLP 784-512-512-10, B=128", "gram", mlp_problem(128), 1.5),
-            ("transformer T=64, B=128", "gram", transformer_problem(128), 1.5),
+            ("MLP 784-512-512-10, B=256", "norms", partial(mlp_problem, 256), 1.05),
+            ("transformer T=64, B=64", "norms", partial(transformer_problem, 64), 1.05),
+            ("MLP 784-512-512-10, B=128", "gram", partial(mlp_problem, 128), 1.5),
+            ("transformer T=64, B=128", "gram", partial(transformer_problem, 128), 1.5),
         ]
-        for label, quantity, (model, loss_fn, batch), target in problems:
+        for label, quantity, make, target in problems:
+            if args.targets and f"{label.split()[0].lower()}-{quantity}" not in args.targets:
+                continue
+            model, loss_fn, batch = make()
             if quantity == "norms":
                 call = partial(ghost.norms, model, loss_fn, batch)
             else:

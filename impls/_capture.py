@@ -17,10 +17,11 @@ from __future__ import annotations
 import threading
 import weakref
 from collections import defaultdict
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
-from torch.autograd.graph import get_gradient_edge
+from torch.autograd.graph import GradientEdge, Node, get_gradient_edge
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
@@ -254,26 +255,109 @@ class LayerCapture:
 
     # -- backward ------------------------------------------------------------------------------
 
-    def backward(self, loss: Tensor) -> None:
+    def backward(self, loss: Tensor, on_ready: Callable[[LayerCall], None] | None = None) -> None:
         """Fill each call's ``grad_outputs`` (and its linear uses' ``grad_output``) with
         d(loss)/d(output), zeros where an output does not reach the loss.
+
+        ``on_ready(call)``, when given, runs as soon as all of a call's output gradients are
+        known, during the backward pass; the call's tensors are released right after it, so the
+        activations and gradients of layers already reduced are freed while autograd works on
+        the layers below (the memory profile of a plain backward, not the sum of all layers).
+        Without it, every call keeps its tensors and gradients until the capture is dropped.
         """
-        edges = [e for call in self.calls for e in call.edges]
-        edges += [use.edge for call in self.calls for use in call.uses]
-        grads = [None] * len(edges)
-        if edges and loss.requires_grad:
-            grads = torch.autograd.grad(
-                loss, edges, allow_unused=True, create_graph=self.create_graph
-            )
-        grads = iter(grads)
-        for call in self.calls:
-            call.grad_outputs = [
-                torch.zeros_like(t) if g is None else g
-                for t, g in zip(call.output_tensors, grads, strict=False)
-            ]
-        for call in self.calls:
-            for use in call.uses:
-                g = next(grads)
-                use.grad_output = torch.zeros_like(use.output) if g is None else g
-        for call in self.calls:
-            call.check_inputs_unchanged()
+        calls = self.calls
+        pending = [len(call.edges) + len(call.uses) for call in calls]
+        slots: dict[Node, list[tuple[int, int, int]]] = defaultdict(list)  # node -> targets
+        for c, call in enumerate(calls):
+            for k, edge in enumerate(call.edges):
+                slots[edge.node].append((c, k, edge.output_nr))
+            for k, use in enumerate(call.uses):
+                slots[use.edge.node].append((c, len(call.edges) + k, use.edge.output_nr))
+        for call in calls:
+            call.grad_outputs = [None] * len(call.edges)
+        failure: list[BaseException] = []
+
+        def deliver(c: int, k: int, grad: Tensor | None) -> None:
+            call = calls[c]
+            if k < len(call.edges):
+                target = call.output_tensors[k]
+                call.grad_outputs[k] = torch.zeros_like(target) if grad is None else grad
+            else:
+                use = call.uses[k - len(call.edges)]
+                use.grad_output = torch.zeros_like(use.output) if grad is None else grad
+            pending[c] -= 1
+            if pending[c] == 0:
+                finish(c)
+
+        def finish(c: int) -> None:
+            # may run inside autograd's backward: an error stops it, and is re-raised unchanged
+            call = calls[c]
+            try:
+                call.check_inputs_unchanged()
+                if on_ready is not None:
+                    on_ready(call)
+                    call.release()
+            except BaseException as error:
+                failure.append(error)
+                raise
+
+        for c, call in enumerate(calls):
+            if pending[c] == 0:
+                finish(c)
+        # Nodes above another captured node run in this backward: a pre-hook on them sees their
+        # output gradients as they pass. The lowest captured nodes are asked of autograd.grad.
+        root = loss.grad_fn if loss.requires_grad else None
+        above = _nodes_above(root, set(slots)) if root is not None else set()
+        handles, asked = [], []
+        for node, targets in slots.items():
+            if node in above:
+
+                def hook(grad_outputs, targets=targets):
+                    for c, k, output_nr in targets:
+                        deliver(c, k, grad_outputs[output_nr])
+
+                handles.append(node.register_prehook(hook))
+            else:
+                asked.extend((c, k, GradientEdge(node, output_nr)) for c, k, output_nr in targets)
+        grads = [None] * len(asked)
+        try:
+            if asked and root is not None:
+                grads = torch.autograd.grad(
+                    loss,
+                    [edge for _, _, edge in asked],
+                    allow_unused=True,
+                    create_graph=self.create_graph,
+                )
+        except BaseException:
+            if failure:  # the error of a reduction, whatever autograd wrapped it in
+                raise failure[0] from None
+            raise
+        finally:
+            for handle in handles:
+                handle.remove()
+        for (c, k, _), grad in zip(asked, grads, strict=True):
+            deliver(c, k, grad)
+
+
+def _nodes_above(root: Node, captured: set[Node]) -> set[Node]:
+    """The autograd nodes reachable from ``root`` with a node of ``captured`` strictly below.
+
+    autograd runs exactly those when the lowest captured nodes are its requested inputs.
+    """
+    above: set[Node] = set()
+    done: set[Node] = set()
+    stack = [(root, False)]
+    while stack:
+        node, expanded = stack.pop()
+        if expanded:
+            if any(n is not None and (n in captured or n in above) for n, _ in node.next_functions):
+                above.add(node)
+            done.add(node)
+            continue
+        if node in done:
+            continue
+        stack.append((node, True))
+        for child, _ in node.next_functions:
+            if child is not None and child not in done:
+                stack.append((child, False))
+    return above

@@ -9,35 +9,60 @@ Conv, the projections inside MultiheadAttention and the gates of RNN/LSTM/GRU, t
 Embedding, dense values for small parameters and the vmap fallback), and the reductions pick,
 per parameter and per quantity, the cheaper of the factored form and materialising.
 
+The reductions run during the backward pass, as soon as a parameter's factors are complete, and
+each layer's activations and output gradients are released once reduced: the memory of a plain
+backward plus one layer's reduction, not every layer's tensors at once.
+
 A parameter used at several places (tied weights, a module called twice) gets the sum of its
-uses: merged when they share a form, otherwise with the exact cross terms between the places
-(an Embedding tied to a Linear decoder included). ``create_graph=True`` keeps the graph through
-the captured activations and output gradients, so the results can be differentiated w.r.t.
-the parameters.
+uses, reduced once its last use is in: merged when they share a form, otherwise with the exact
+cross terms between the places (an Embedding tied to a Linear decoder included).
+``create_graph=True`` keeps the graph through the captured activations and output gradients,
+so the results can be differentiated w.r.t. the parameters.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
+from collections.abc import Callable
 
 import torch
 
 from impls.base import Implementation
-from impls.hooks import captured_forward_backward
+from impls.hooks import captured_forward
 from impls.layers.factored import Factors, combine, inner
 
 
-def parameter_factors(side, loss_fn, create_graph) -> dict[str, Factors]:
-    """Trainable parameter name -> the factors of its per-example gradients (all its uses).
+def stream_parameter_factors(
+    side, loss_fn, create_graph, consume: Callable[[str, Factors], None]
+) -> None:
+    """Run the forward and backward, calling ``consume(name, factors)`` once per trainable
+    parameter a call reached, with the factors of its per-example gradients (all its uses),
+    as soon as its last use's output gradients are known.
 
-    Parameters no call reached have no entry (their gradient is zero).
+    Parameters no call reached are never consumed (their gradient is zero).
     """
-    capture = captured_forward_backward(side, loss_fn, create_graph)
-    uses: dict[int, list[Factors]] = defaultdict(list)
-    for call in capture.calls:
+    capture, loss = captured_forward(side, loss_fn, create_graph)
+    names = {id(p): name for name, p in side.params.items()}
+    expected = Counter(id(p) for call in capture.calls for p in call.wanted.values())
+    waiting: dict[int, list[Factors]] = defaultdict(list)
+
+    def on_ready(call):
         for local, factors in call.rule.factors(call).items():
-            uses[id(call.wanted[local])].append(factors)
-    return {name: combine(uses[id(p)]) for name, p in side.params.items() if id(p) in uses}
+            key = id(call.wanted[local])
+            waiting[key].append(factors)
+            if len(waiting[key]) == expected[key]:
+                consume(names[key], combine(waiting.pop(key)))
+
+    capture.backward(loss, on_ready)
+    for key, parts in waiting.items():  # uses whose rule gave no factors for this parameter
+        consume(names[key], combine(parts))
+
+
+def parameter_factors(side, loss_fn, create_graph) -> dict[str, Factors]:
+    """Trainable parameter name -> the factors of its per-example gradients (all its uses)."""
+    out: dict[str, Factors] = {}
+    stream_parameter_factors(side, loss_fn, create_graph, out.__setitem__)
+    return out
 
 
 class Ghost(Implementation):
@@ -45,19 +70,26 @@ class Ghost(Implementation):
     differentiable = True
 
     def _squared_norms(self, side, loss_fn, create_graph):
-        factors = parameter_factors(side, loss_fn, create_graph)
+        norms = {}
+
+        def consume(name, factors):
+            norms[name] = factors.squared_norms()
+
+        stream_parameter_factors(side, loss_fn, create_graph, consume)
         zeros = torch.zeros(side.batch_size, dtype=side.dtype, device=side.device)
-        return {
-            name: factors[name].squared_norms() if name in factors else zeros
-            for name in side.params
-        }
+        return {name: norms.get(name, zeros) for name in side.params}
 
     def _inner(self, side, other, loss_fn, create_graph):
-        left = parameter_factors(side, loss_fn, create_graph)
         same = other is side
-        right = left if same else parameter_factors(other, loss_fn, create_graph)
+        left = None if same else parameter_factors(side, loss_fn, create_graph)
         total = torch.zeros(side.batch_size, other.batch_size, dtype=side.dtype, device=side.device)
-        for name, factors in left.items():
-            if name in right:
-                total = total + inner(factors, right[name], same=same)
+
+        def consume(name, factors):
+            nonlocal total
+            if same:
+                total = total + inner(factors, factors, same=True)
+            elif name in left:
+                total = total + inner(left[name], factors)
+
+        stream_parameter_factors(other, loss_fn, create_graph, consume)
         return total

@@ -8,13 +8,14 @@ computed; modules without a formula use the per-module vmap fallback.
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
 from impls._capture import LayerCapture
 from impls.base import MaterializingImplementation, per_example_losses
 
 
-def captured_forward_backward(side, loss_fn, create_graph, rules=None) -> LayerCapture:
-    """Run the forward under a capture, then the backward to the captured outputs."""
+def captured_forward(side, loss_fn, create_graph, rules=None) -> tuple[LayerCapture, Tensor]:
+    """Run the forward under a capture: the capture (its calls recorded) and the summed loss."""
     with LayerCapture(
         side.model,
         side.params,
@@ -25,7 +26,13 @@ def captured_forward_backward(side, loss_fn, create_graph, rules=None) -> LayerC
     ) as capture:
         outputs = side.model(*side.inputs)
         losses = per_example_losses(loss_fn, outputs, side.targets, side.batch_size)
-    capture.backward(losses.sum())
+    return capture, losses.sum()
+
+
+def captured_forward_backward(side, loss_fn, create_graph, rules=None) -> LayerCapture:
+    """Run the forward under a capture, then the backward to the captured outputs."""
+    capture, loss = captured_forward(side, loss_fn, create_graph, rules)
+    capture.backward(loss)
     return capture
 
 

@@ -67,7 +67,32 @@ def _recording_attention_forward():
         )
         copy.__kwdefaults__ = original.__kwdefaults__
         namespace[name] = copy
+    namespace["_in_projection_packed"] = _unbound(namespace["_in_projection_packed"])
     return namespace["multi_head_attention_forward"]
+
+
+def _unbound(in_projection_packed):
+    """``_in_projection_packed`` whose self-attention result is ``proj.unbind(0)`` instead of
+    ``proj[0], proj[1], proj[2]``: the same tensors (views of one contiguous [3, T, n, E]), but
+    the backward stacks the three gradients once, where three ``select``s each fill a zero
+    [3, T, n, E] and autograd adds the three (about a tenth of an attention layer's forward and
+    backward at T=64, n=128, E=256). Any other result is returned as it is.
+    """
+
+    def projected(q, k, v, w, b=None):
+        parts = in_projection_packed(q, k, v, w, b)
+        base = parts[0]._base if len(parts) == 3 else None
+        if base is None or base.dim() < 2 or base.shape[0] != 3 or not base.is_contiguous():
+            return parts
+        for j, part in enumerate(parts):
+            offset = base.storage_offset() + j * base.stride(0)
+            if part._base is not base or part.shape != base.shape[1:]:
+                return parts
+            if part.storage_offset() != offset or part.stride() != base.stride()[1:]:
+                return parts
+        return list(base.unbind(0))
+
+    return projected
 
 
 def _locate(module: nn.Module, tensor: Tensor) -> tuple[str, int] | None:

@@ -111,6 +111,12 @@ class LayerCall:
         """Gradient w.r.t. the (single) output, g."""
         return self.grad_outputs[0]
 
+    def release(self) -> None:
+        """Drop the tensors of this call (once its reductions are done), keeping its identity."""
+        self.args, self.kwargs, self.outputs = (), {}, None
+        self.output_tensors, self.grad_outputs, self.versions, self.edges = [], [], [], []
+        self.uses = []
+
     def check_inputs_unchanged(self) -> None:
         for tensor, version in self.versions:
             if tensor._version != version:

@@ -1,0 +1,111 @@
+"""LayerCapture's backward: output gradients delivered during the backward pass (``on_ready``),
+the same as when all are collected at the end; errors of a reduction surface unchanged.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import impls
+from impls import Unsupported
+from impls.base import Side, trainable_parameters
+from impls.hooks import captured_forward, captured_forward_backward
+from impls.layers.linear import LinearRule
+
+DOUBLE = torch.float64
+
+
+def _ce(outputs, targets):
+    return nn.functional.cross_entropy(outputs, targets, reduction="none")
+
+
+class Branchy(nn.Module):
+    """A chain, a branch whose output never reaches the loss, a layer called twice, and a layer
+    whose output feeds two later layers (one captured node under several others)."""
+
+    def __init__(self):
+        super().__init__()
+        self.first = nn.Linear(5, 6)
+        self.shared = nn.Linear(6, 6)
+        self.dead = nn.Linear(6, 3)
+        self.left = nn.Linear(6, 4)
+        self.right = nn.Linear(6, 4)
+
+    def forward(self, x):
+        h = torch.tanh(self.first(x))
+        h = torch.tanh(self.shared(torch.tanh(self.shared(h))))
+        self.dead(h)  # computed, never used
+        return self.left(h) * torch.sigmoid(self.right(h))
+
+
+def _side(model, batch):
+    inputs, targets = batch
+    return Side(model, trainable_parameters(model), (inputs,), targets, inputs.shape[0])
+
+
+def _problem():
+    torch.manual_seed(0)
+    model = Branchy().to(DOUBLE)
+    batch = (torch.randn(7, 5, dtype=DOUBLE), torch.randint(0, 4, (7,)))
+    return model, batch
+
+
+def test_streamed_gradients_equal_collected_ones():
+    model, batch = _problem()
+    collected = captured_forward_backward(_side(model, batch), _ce, False)
+    expected = [[g.clone() for g in call.grad_outputs] for call in collected.calls]
+
+    capture, loss = captured_forward(_side(model, batch), _ce, False)
+    seen = {}
+
+    def on_ready(call):
+        seen[id(call)] = [g.clone() for g in call.grad_outputs]
+
+    capture.backward(loss, on_ready)
+    assert len(seen) == len(capture.calls) == len(expected)
+    for call, want in zip(capture.calls, expected, strict=True):
+        got = seen[id(call)]
+        assert len(got) == len(want)
+        for g, w in zip(got, want, strict=True):
+            torch.testing.assert_close(g, w, rtol=0, atol=0)
+        assert call.output_tensors == [] and call.args == ()  # released once reduced
+    dead = [w for call, w in zip(capture.calls, expected, strict=True) if call.name == "dead"]
+    assert dead and not dead[0][0].any()  # no path to the loss: zeros
+
+
+def test_layers_are_reduced_during_the_backward_from_the_top():
+    model, batch = _problem()
+    capture, loss = captured_forward(_side(model, batch), _ce, False)
+    order = []
+    capture.backward(loss, lambda call: order.append(call.name))
+    # the output layers before the layers below them; "first" is the lowest captured node
+    assert order.index("left") < order.index("first")
+    assert order.index("right") < order.index("first")
+    assert order.count("shared") == 2
+
+
+def test_an_error_of_a_reduction_is_raised_unchanged_and_the_model_is_left_clean(monkeypatch):
+    model, batch = _problem()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    original = LinearRule.factors
+
+    def refuse(self, call):
+        if call.name == "shared":
+            raise Unsupported("refused inside the backward")
+        return original(self, call)
+
+    monkeypatch.setattr(LinearRule, "factors", refuse)
+    with pytest.raises(Unsupported, match="refused inside the backward"):
+        impls.get("ghost").norms(model, _ce, batch)
+    monkeypatch.undo()
+    for module in model.modules():
+        assert not module._forward_hooks and not module._forward_pre_hooks
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]) and p.grad is None
+    # and the next call works
+    got = impls.get("ghost").norms(model, _ce, batch)
+    want = impls.get("naive").norms(model, _ce, batch)
+    torch.testing.assert_close(got, want)

@@ -301,7 +301,7 @@ class LayerCapture:
                 failure.append(error)
                 raise
 
-        for c, call in enumerate(calls):
+        for c in range(len(calls)):
             if pending[c] == 0:
                 finish(c)
         # Nodes above another captured node run in this backward: a pre-hook on them sees their

@@ -30,6 +30,10 @@ from impls.layers import LayerCall, LayerRule, VmapFallback, rule_for
 
 _DIRECT_FALLBACK = VmapFallback(recursive=False)
 
+#: captured output bytes above which :meth:`LayerCapture.backward` streams by default: below,
+#: the fixed cost of its hooks (a graph walk, a hook per node) outweighs what releasing saves
+STREAM_BYTES = 4 << 20
+
 
 def _carries_gradient(result) -> bool:
     if isinstance(result, Tensor):
@@ -253,18 +257,38 @@ class LayerCapture:
         self._handles.append(module.register_forward_pre_hook(before))
         self._handles.append(module.register_forward_hook(after, with_kwargs=True))
 
+    def captured_bytes(self) -> int:
+        """Bytes of the captured output tensors (what streaming can release early)."""
+        tensors = [t for call in self.calls for t in call.output_tensors]
+        tensors += [use.output for call in self.calls for use in call.uses]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
     # -- backward ------------------------------------------------------------------------------
 
-    def backward(self, loss: Tensor, on_ready: Callable[[LayerCall], None] | None = None) -> None:
+    def backward(
+        self,
+        loss: Tensor,
+        on_ready: Callable[[LayerCall], None] | None = None,
+        *,
+        stream: bool | None = None,
+    ) -> None:
         """Fill each call's ``grad_outputs`` (and its linear uses' ``grad_output``) with
         d(loss)/d(output), zeros where an output does not reach the loss.
 
-        ``on_ready(call)``, when given, runs as soon as all of a call's output gradients are
-        known, during the backward pass; the call's tensors are released right after it, so the
-        activations and gradients of layers already reduced are freed while autograd works on
-        the layers below (the memory profile of a plain backward, not the sum of all layers).
-        Without it, every call keeps its tensors and gradients until the capture is dropped.
+        ``on_ready(call)``, when given, runs once per call as soon as all of its output
+        gradients are known, and the call's tensors are released right after it. Streamed
+        (``stream``; default: when the captured outputs exceed :data:`STREAM_BYTES`), that is
+        during the backward pass: pre-hooks on the autograd nodes above the lowest captured ones
+        see the gradients as they pass, so the activations and gradients of layers already
+        reduced are freed while autograd works on the layers below (the memory of a plain
+        backward, not of every layer at once). Otherwise autograd returns every gradient at once
+        and ``on_ready`` runs after it, without the hooks' fixed cost (small models).
+        Without ``on_ready``, every call keeps its tensors and gradients.
         """
+        if on_ready is None:
+            stream = False
+        elif stream is None:
+            stream = self.captured_bytes() > STREAM_BYTES
         calls = self.calls
         pending = [len(call.edges) + len(call.uses) for call in calls]
         slots: dict[Node, list[tuple[int, int, int]]] = defaultdict(list)  # node -> targets
@@ -304,10 +328,11 @@ class LayerCapture:
         for c in range(len(calls)):
             if pending[c] == 0:
                 finish(c)
-        # Nodes above another captured node run in this backward: a pre-hook on them sees their
-        # output gradients as they pass. The lowest captured nodes are asked of autograd.grad.
+        # Streamed, nodes above another captured node run in this backward: a pre-hook on them
+        # sees their output gradients as they pass; the lowest captured nodes (all of them, not
+        # streamed) are asked of autograd.grad.
         root = loss.grad_fn if loss.requires_grad else None
-        above = _nodes_above(root, set(slots)) if root is not None else set()
+        above = _nodes_above(root, set(slots)) if stream and root is not None else set()
         handles, asked = [], []
         for node, targets in slots.items():
             if node in above:

@@ -20,6 +20,12 @@ Targets (issue 3):
 - ghost norms <= 0.9x the faster of opacus_ghost and backpack on every zoo case both run
   (the zoo's models at batch size ``--zoo-batch``), when those are registered.
 
+``--floor`` splits ghost's Gram matrix into what bounds it from below, timed in the same rounds:
+the forward and backward that produce every layer's output gradient with no capture at all
+(``torch.autograd.grad`` to the lowest layer outputs: no weight gradients), and ghost's reductions
+alone on factors computed beforehand, with the rate (multiply-adds per second) the materialised
+reductions reach; their sum is what ghost would cost if capturing and streaming were free.
+
 ``--forms`` also times ghost with the cost model overridden (all factored, all materialised):
 how the per-layer choice compares with either fixed form. ``--calibrate`` measures one Linear's
 factored and materialised reductions over T (norms and Gram matrix) and reports how much slower
@@ -108,6 +114,57 @@ def ratios(model, loss_fn, batch, contenders, *, rounds, threads, min_run_time, 
         for name in contenders:
             out[name].append(statistics.median(samples[name]) / base)
     return out, statistics.median(plain_times)
+
+
+def activation_gradients(model, loss_fn, batch):
+    """A step that computes every parametrised layer's output gradient and nothing else: the
+    forward, then autograd to the lowest of those outputs (no capture, no weight gradients)."""
+    from impls._capture import _nodes_above
+
+    inputs, targets = batch
+    inputs = (inputs,) if torch.is_tensor(inputs) else inputs
+    layers = [m for m in model.modules() if any(True for _ in m.parameters(recurse=False))]
+
+    def step():
+        outputs = []
+        handles = [m.register_forward_hook(lambda m, a, o: outputs.append(o)) for m in layers]
+        try:
+            loss = loss_fn(model(*inputs), targets).sum()
+        finally:
+            for h in handles:
+                h.remove()
+        tensors = [o for o in outputs if torch.is_tensor(o) and o.grad_fn is not None]
+        nodes = {o.grad_fn for o in tensors}
+        above = _nodes_above(loss.grad_fn, nodes)
+        lowest = [o for o in tensors if o.grad_fn not in above]
+        torch.autograd.grad(loss, lowest, allow_unused=True)
+
+    return step
+
+
+def reductions_alone(ghost, model, loss_fn, batch):
+    """ghost's Gram reductions on factors computed once beforehand, and the multiply-adds of
+    those of its Linear-like factors (Outer) in the form the cost model picks: materialised,
+    per-example gradients n·t·i·o plus the Gram matrix n²·i·o; factored, n²·t²·(i+o)."""
+    from impls.ghost import parameter_factors
+
+    side = ghost._side(model, batch)
+    factors = parameter_factors(side, loss_fn, False)
+    macs = 0
+    for f in factors.values():
+        if isinstance(f, factored.Outer):
+            n, groups, t, o = f.rows.shape
+            i = f.cols.shape[3]
+            if _chooses_factored(partial(factored.inner, f, f, same=True)):
+                macs += groups * n * n * t * t * (i + o)
+            else:
+                macs += groups * (n * t * i * o + n * n * i * o)
+
+    def run():
+        for f in factors.values():
+            factored.inner(f, f, same=True)
+
+    return run, macs
 
 
 def _forced(force, fn):
@@ -209,6 +266,9 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--forms", action="store_true", help="also time all-factored/material")
     parser.add_argument(
+        "--floor", action="store_true", help="split the Gram matrix targets into their floors"
+    )
+    parser.add_argument(
         "--calibrate", action="store_true", help="measure factored vs materialised over T"
     )
     parser.add_argument(
@@ -257,11 +317,28 @@ def main(argv=None) -> int:
             if args.forms:
                 contenders["ghost (all factored)"] = _forced("factored", call)
                 contenders["ghost (all materialised)"] = _forced("materialised", call)
+            macs = None
+            if args.floor and quantity == "gram":
+                contenders["floor: activation gradients"] = activation_gradients(
+                    model, loss_fn, batch
+                )
+                contenders["floor: reductions alone"], macs = reductions_alone(
+                    ghost, model, loss_fn, batch
+                )
             values, plain_s = ratios(model, loss_fn, batch, contenders, **opts)
             for name, v in values.items():
                 goal = target if name == "ghost" else None
                 median = _row(label, quantity, name, v, plain_s, goal)
                 failed += name == "ghost" and median > target
+            if macs is not None:
+                parts = ("floor: activation gradients", "floor: reductions alone")
+                total = [sum(values[p][k] for p in parts) for k in range(args.rounds)]
+                _row(label, quantity, "floor: sum of the two", total, plain_s)
+                seconds = statistics.median(values[parts[1]]) * plain_s
+                print(
+                    f"{'':28s} {'':6s} Linear-like reductions: {macs / 1e9:.2f} G multiply-adds, "
+                    f"{macs / seconds / 1e9:.0f} G/s over all reductions' time"
+                )
 
     if "zoo" in only:
         peers = [n for n in ("opacus_ghost", "backpack") if n in impls.names()]

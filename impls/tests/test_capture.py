@@ -1,5 +1,6 @@
-"""LayerCapture's backward: output gradients delivered during the backward pass (``on_ready``),
-the same as when all are collected at the end; errors of a reduction surface unchanged.
+"""LayerCapture's backward: output gradients delivered during the backward pass (``on_ready``,
+streamed) or after it, the same as when all are collected at the end; errors of a reduction
+surface unchanged either way.
 """
 
 from __future__ import annotations
@@ -9,7 +10,8 @@ import torch
 from torch import nn
 
 import impls
-from impls import Unsupported
+from correctness.cases import CASES
+from impls import Unsupported, _capture
 from impls.base import Side, trainable_parameters
 from impls.hooks import captured_forward, captured_forward_backward
 from impls.layers.linear import LinearRule
@@ -52,7 +54,8 @@ def _problem():
     return model, batch
 
 
-def test_streamed_gradients_equal_collected_ones():
+@pytest.mark.parametrize("stream", [True, False], ids=["streamed", "after"])
+def test_on_ready_sees_the_gradients_collected_without_it(stream):
     model, batch = _problem()
     collected = captured_forward_backward(_side(model, batch), _ce, False)
     expected = [[g.clone() for g in call.grad_outputs] for call in collected.calls]
@@ -63,7 +66,7 @@ def test_streamed_gradients_equal_collected_ones():
     def on_ready(call):
         seen[id(call)] = [g.clone() for g in call.grad_outputs]
 
-    capture.backward(loss, on_ready)
+    capture.backward(loss, on_ready, stream=stream)
     assert len(seen) == len(capture.calls) == len(expected)
     for call, want in zip(capture.calls, expected, strict=True):
         got = seen[id(call)]
@@ -79,14 +82,18 @@ def test_layers_are_reduced_during_the_backward_from_the_top():
     model, batch = _problem()
     capture, loss = captured_forward(_side(model, batch), _ce, False)
     order = []
-    capture.backward(loss, lambda call: order.append(call.name))
+    capture.backward(loss, lambda call: order.append(call.name), stream=True)
     # the output layers before the layers below them; "first" is the lowest captured node
     assert order.index("left") < order.index("first")
     assert order.index("right") < order.index("first")
     assert order.count("shared") == 2
 
 
-def test_an_error_of_a_reduction_is_raised_unchanged_and_the_model_is_left_clean(monkeypatch):
+@pytest.mark.parametrize("stream_bytes", [0, 1 << 40], ids=["streamed", "after"])
+def test_an_error_of_a_reduction_is_raised_unchanged_and_the_model_is_left_clean(
+    monkeypatch, stream_bytes
+):
+    monkeypatch.setattr(_capture, "STREAM_BYTES", stream_bytes)
     model, batch = _problem()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
 
@@ -100,7 +107,7 @@ def test_an_error_of_a_reduction_is_raised_unchanged_and_the_model_is_left_clean
     monkeypatch.setattr(LinearRule, "factors", refuse)
     with pytest.raises(Unsupported, match="refused inside the backward"):
         impls.get("ghost").norms(model, _ce, batch)
-    monkeypatch.undo()
+    monkeypatch.setattr(LinearRule, "factors", original)
     for module in model.modules():
         assert not module._forward_hooks and not module._forward_pre_hooks
     for n, p in model.named_parameters():
@@ -109,3 +116,33 @@ def test_an_error_of_a_reduction_is_raised_unchanged_and_the_model_is_left_clean
     got = impls.get("ghost").norms(model, _ce, batch)
     want = impls.get("naive").norms(model, _ce, batch)
     torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.defined], ids=str)
+def test_ghost_streamed_equals_ghost_after_the_backward(case, monkeypatch):
+    """Every zoo case, through both paths of the capture (the zoo's models are small enough
+    that ghost would otherwise never stream them)."""
+    model, batch = case.make_model(), case.make_batch(5)
+    other = case.make_batch(3, seed=1)
+    ghost = impls.get("ghost")
+
+    def results():
+        try:
+            norms = ghost.norms(model, case.loss_fn, batch, per_param=True)
+        except Unsupported as refusal:
+            return str(refusal)
+        gram = ghost.inner(model, case.loss_fn, batch)
+        cross = ghost.inner(model, case.loss_fn, batch, other)
+        losses = ghost.norms(model, case.loss_fn, batch, create_graph=True).sum()
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        differentiated = torch.autograd.grad(losses, trainable, allow_unused=True)
+        return norms, gram, cross, differentiated
+
+    monkeypatch.setattr(_capture, "STREAM_BYTES", 1 << 40)
+    after = results()
+    monkeypatch.setattr(_capture, "STREAM_BYTES", 0)
+    streamed = results()
+    if isinstance(after, str):
+        assert streamed == after
+        return
+    torch.testing.assert_close(streamed, after)

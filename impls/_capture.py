@@ -10,6 +10,8 @@ impossible to get from the hooks, so it is refused.
 only. Parameters are not among the requested inputs, so autograd skips the weight-gradient
 products altogether. Outputs are addressed by their gradient edge at capture time, so a later
 in-place op (``ReLU(inplace=True)``) does not shift which tensor's gradient is returned.
+With a callback, each call is handed over as soon as its output gradients are known, during the
+backward pass for large captures (streamed), and its tensors are released after it.
 """
 
 from __future__ import annotations
@@ -360,7 +362,9 @@ class LayerCapture:
         finally:
             for handle in handles:
                 handle.remove()
-        for (c, k, _), grad in zip(asked, grads, strict=True):
+        grads = list(grads)
+        for j, (c, k, _) in enumerate(asked):
+            grad, grads[j] = grads[j], None  # held by its call only: released with it
             deliver(c, k, grad)
 
 

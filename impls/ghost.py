@@ -47,7 +47,9 @@ def stream_parameter_factors(
     waiting: dict[int, list[Factors]] = defaultdict(list)
 
     def on_ready(call):
-        for local, factors in call.rule.factors(call).items():
+        described = call.rule.factors(call)
+        call.release()  # the factors keep what they need; the reductions run without the rest
+        for local, factors in described.items():
             key = id(call.wanted[local])
             waiting[key].append(factors)
             if len(waiting[key]) == expected[key]:

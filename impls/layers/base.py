@@ -112,7 +112,7 @@ class LayerCall:
         return self.grad_outputs[0]
 
     def release(self) -> None:
-        """Drop the tensors of this call (once its reductions are done), keeping its identity."""
+        """Drop the tensors of this call (once its factors are known), keeping its identity."""
         self.args, self.kwargs, self.outputs = (), {}, None
         self.output_tensors, self.grad_outputs, self.versions, self.edges = [], [], [], []
         self.uses = []

@@ -88,6 +88,15 @@ def _cat(parts: list[Tensor]) -> Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
+def squared_row_norms(x: Tensor) -> Tensor:
+    """Σ_j x[:, j]² for x [n, D]: a fused norm (no [n, D] temporary, several times faster than
+    ``x.pow(2).sum(1)``), unless the result must be differentiable: the norm's gradient at a
+    zero row is not that of its square."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return x.pow(2).sum(1)
+    return torch.linalg.vector_norm(x, dim=1).square()
+
+
 # -- the factor kinds ---------------------------------------------------------------------------
 
 
@@ -103,7 +112,7 @@ class Factors:
 
     def squared_norms(self) -> Tensor:
         """Tensor[n]: ‖example n's gradient‖²."""
-        return self.materialize().flatten(1).pow(2).sum(1)
+        return squared_row_norms(self.materialize().flatten(1))
 
 
 @dataclass(eq=False)
@@ -122,7 +131,7 @@ class Dense(Factors):
         return self.values
 
     def squared_norms(self) -> Tensor:
-        return self.values.flatten(1).pow(2).sum(1)
+        return squared_row_norms(self.values.flatten(1))
 
 
 @dataclass(eq=False)
@@ -253,9 +262,9 @@ class Indexed(Factors):
         # a dense [n·V, d] buffer, or sorting the P entries' keys (counted as 4·P·d)
         if not COSTS.factored_is_cheaper(4 * entries, n * self.num_rows):
             flat = self.values.new_zeros(n * self.num_rows, d).index_add(0, self.keys, self.values)
-            return flat.pow(2).sum(1).reshape(n, self.num_rows).sum(1)
+            return squared_row_norms(flat).reshape(n, self.num_rows).sum(1)
         example, _, values = self.aggregated()
-        return values.new_zeros(n).index_add(0, example, values.pow(2).sum(1))
+        return values.new_zeros(n).index_add(0, example, squared_row_norms(values))
 
 
 @dataclass(eq=False)
@@ -407,7 +416,7 @@ def _outer_diagonal(left: Outer, right: Outer) -> Tensor:
             left.row_products["norms"] = _cat(row_products)
         return _cat(out)
     if same:
-        return sum(block.pow(2).sum(1) for block in _materialised(rows_l, cols_l, n))
+        return sum(squared_row_norms(block) for block in _materialised(rows_l, cols_l, n))
     blocks_l, blocks_r = _materialised(rows_l, cols_l, 2 * n), _materialised(rows_r, cols_r, 2 * n)
     pairs = zip(blocks_l, blocks_r, strict=True)
     return sum((block_l * block_r).sum(1) for block_l, block_r in pairs)

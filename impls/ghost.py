@@ -9,9 +9,10 @@ Conv, the projections inside MultiheadAttention and the gates of RNN/LSTM/GRU, t
 Embedding, dense values for small parameters and the vmap fallback), and the reductions pick,
 per parameter and per quantity, the cheaper of the factored form and materialising.
 
-The reductions run during the backward pass, as soon as a parameter's factors are complete, and
-each layer's activations and output gradients are released once reduced: the memory of a plain
-backward plus one layer's reduction, not every layer's tensors at once.
+A parameter is reduced as soon as its factors are complete, and each layer's activations and
+output gradients are released once its factors are known. On large models (captured outputs
+above ``impls._capture.STREAM_BYTES``) that happens during the backward pass: the memory of a
+plain backward plus one layer's reduction, not every layer's tensors at once.
 
 A parameter used at several places (tied weights, a module called twice) gets the sum of its
 uses, reduced once its last use is in: merged when they share a form, otherwise with the exact

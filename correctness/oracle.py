@@ -8,6 +8,7 @@ with the reference it is judged against.
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 
 import torch
 from torch import Tensor, nn
@@ -19,17 +20,38 @@ from impls.base import check_per_example_gradients_defined
 def _to_float64(x):
     if isinstance(x, Tensor):
         return x.double() if x.is_floating_point() else x
+    if isinstance(x, Mapping):
+        return type(x)({k: _to_float64(v) for k, v in x.items()})
     if isinstance(x, (tuple, list)):
         return type(x)(_to_float64(t) for t in x)
     return x
 
 
 def _example(x, i):
+    """Example i of a batch value (top-level tensors sliced, anything else as it is)."""
     if isinstance(x, Tensor):
         return x[i : i + 1]
+    if isinstance(x, Mapping):
+        return type(x)({k: v[i : i + 1] if isinstance(v, Tensor) else v for k, v in x.items()})
     if isinstance(x, (tuple, list)):
-        return type(x)(_example(t, i) for t in x)
+        return type(x)(t[i : i + 1] if isinstance(t, Tensor) else t for t in x)
     return x
+
+
+def call(model: nn.Module, inputs):
+    """``model(inputs)``, ``model(*inputs)`` or ``model(**inputs)`` as the batch holds them."""
+    if isinstance(inputs, Tensor):
+        return model(inputs)
+    if isinstance(inputs, Mapping):
+        return model(**inputs)
+    return model(*inputs)
+
+
+def batch_size_of(inputs) -> int:
+    if isinstance(inputs, Tensor):
+        return inputs.shape[0]
+    values = inputs.values() if isinstance(inputs, Mapping) else inputs
+    return next(v for v in values if isinstance(v, Tensor)).shape[0]
 
 
 def per_example_gradients(
@@ -46,12 +68,11 @@ def per_example_gradients(
     reference = reference if create_graph else copy.deepcopy(model).double()
     params = {n: p for n, p in reference.named_parameters() if p.requires_grad}
     inputs, targets = batch
-    inputs = (inputs,) if isinstance(inputs, Tensor) else tuple(inputs)
     inputs, targets = _to_float64(inputs), _to_float64(targets)
-    size = inputs[0].shape[0]
+    size = batch_size_of(inputs)
     rows = []
     for i in range(size):
-        loss = loss_fn(reference(*_example(inputs, i)), _example(targets, i))
+        loss = loss_fn(call(reference, _example(inputs, i)), _example(targets, i))
         grads = torch.autograd.grad(
             loss.sum(), list(params.values()), allow_unused=True, create_graph=create_graph
         )

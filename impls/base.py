@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,11 +34,16 @@ class Unsupported(NotImplementedError):
 
 @dataclass
 class Side:
-    """One side of a question: a model, its trainable parameters and a validated batch."""
+    """One side of a question: a model, its trainable parameters and a validated batch.
+
+    The model is called as ``model(*args, **kwargs)``: ``args`` from a Tensor or a tuple of
+    inputs, ``kwargs`` from a mapping (the Hugging Face habit, ``model(**batch)``).
+    """
 
     model: nn.Module
     params: OrderedDict[str, nn.Parameter]
-    inputs: tuple[Tensor, ...]
+    args: tuple
+    kwargs: dict
     targets: Any
     batch_size: int
 
@@ -48,7 +53,23 @@ class Side:
 
     @property
     def device(self) -> torch.device:
-        return next(iter(self.params.values())).device if self.params else self.inputs[0].device
+        if self.params:
+            return next(iter(self.params.values())).device
+        return self.batched_tensors()[0].device
+
+    @property
+    def inputs(self) -> tuple:
+        """The positional inputs (a mapping's values when the model takes keywords)."""
+        return self.args if self.args else tuple(self.kwargs.values())
+
+    def call_model(self, args: tuple | None = None, kwargs: dict | None = None) -> Any:
+        return self.model(*(self.args if args is None else args),
+                          **(self.kwargs if kwargs is None else kwargs))  # fmt: skip
+
+    def batched_tensors(self) -> list[Tensor]:
+        """Every tensor of the batch whose first dimension is the examples' (inputs, targets)."""
+        out = [x for x in (*self.args, *self.kwargs.values()) if isinstance(x, Tensor)]
+        return out + [t for t in _target_tensors(self.targets)]
 
 
 def trainable_parameters(model: nn.Module) -> OrderedDict[str, nn.Parameter]:
@@ -56,27 +77,57 @@ def trainable_parameters(model: nn.Module) -> OrderedDict[str, nn.Parameter]:
     return OrderedDict((n, p) for n, p in model.named_parameters() if p.requires_grad)
 
 
-def split_batch(batch: Any) -> tuple[tuple[Tensor, ...], Any, int]:
-    """Validate ``(inputs, targets)``; return the inputs as a tuple, the targets, the batch size."""
+def _target_tensors(targets: Any) -> list[Tensor]:
+    if isinstance(targets, Tensor):
+        return [targets]
+    if isinstance(targets, Mapping):
+        return [t for t in targets.values() if isinstance(t, Tensor)]
+    if isinstance(targets, (tuple, list)):
+        return [t for t in targets if isinstance(t, Tensor)]
+    return []
+
+
+def split_batch(batch: Any) -> tuple[tuple, dict, Any, int]:
+    """Validate ``(inputs, targets)``: (positional inputs, keyword inputs, targets, batch size).
+
+    inputs: a Tensor, a tuple of inputs, or a mapping of names to inputs (``model(**inputs)``);
+    targets: a Tensor, a tuple or a mapping. Every Tensor among them has the batch dimension
+    first; other values pass through unchanged.
+    """
     if not isinstance(batch, (tuple, list)) or len(batch) != 2:
         raise ValueError("batch must be a pair (inputs, targets)")
     inputs, targets = batch
-    inputs = (inputs,) if isinstance(inputs, Tensor) else inputs
-    if not isinstance(inputs, (tuple, list)) or not inputs:
-        raise ValueError("inputs must be a Tensor or a non-empty tuple of Tensors")
-    inputs = tuple(inputs)
-    for x in inputs:
-        if not isinstance(x, Tensor) or x.dim() == 0:
-            raise ValueError("every input must be a Tensor with a batch dimension first")
-    size = inputs[0].shape[0]
-    if any(x.shape[0] != size for x in inputs):
-        sizes = [x.shape[0] for x in inputs]
-        raise ValueError(f"inputs have different batch sizes {sizes}")
-    for t in targets if isinstance(targets, (tuple, list)) else (targets,):
-        if isinstance(t, Tensor) and (t.dim() == 0 or t.shape[0] != size):
+    if isinstance(inputs, Tensor):
+        args, kwargs = (inputs,), {}
+    elif isinstance(inputs, Mapping):
+        if not all(isinstance(k, str) for k in inputs):
+            raise ValueError("a mapping of inputs must have string keys (model(**inputs))")
+        args, kwargs = (), dict(inputs)
+    elif isinstance(inputs, (tuple, list)):
+        args, kwargs = tuple(inputs), {}
+    else:
+        raise ValueError(
+            "inputs must be a Tensor, a tuple of Tensors or a mapping of names to Tensors, "
+            f"not {type(inputs).__name__}"
+        )
+    named = [(f"inputs[{k}]", x) for k, x in enumerate(args)]
+    named += [(f"inputs['{k}']", x) for k, x in kwargs.items()]
+    tensors = [(where, x) for where, x in named if isinstance(x, Tensor)]
+    if not tensors:
+        raise ValueError("inputs must contain at least one Tensor (with the batch dimension first)")
+    for where, x in tensors:
+        if x.dim() == 0:
+            raise ValueError(f"every input must be a Tensor with a batch dimension first ({where} "
+                             "is a scalar)")  # fmt: skip
+    size = tensors[0][1].shape[0]
+    sizes = {where: x.shape[0] for where, x in tensors}
+    if any(s != size for s in sizes.values()):
+        raise ValueError(f"inputs have different batch sizes {list(sizes.values())}")
+    for t in _target_tensors(targets):
+        if t.dim() == 0 or t.shape[0] != size:
             got = "a scalar" if t.dim() == 0 else f"batch size {t.shape[0]}"
             raise ValueError(f"targets have {got} but inputs have batch size {size}")
-    return inputs, targets, int(size)
+    return args, kwargs, targets, int(size)
 
 
 def check_per_example_gradients_defined(model: nn.Module) -> None:
@@ -109,15 +160,22 @@ def per_example_losses(loss_fn: LossFn, outputs: Any, targets: Any, batch_size: 
     return losses
 
 
-def example_slice(side: Side, start: int, stop: int) -> tuple[tuple[Tensor, ...], Any]:
-    """Inputs and targets of examples start..stop-1, batch dimension kept."""
-    inputs = tuple(x[start:stop] for x in side.inputs)
+def _rows(value: Any, start: int, stop: int) -> Any:
+    return value[start:stop] if isinstance(value, Tensor) else value
+
+
+def example_slice(side: Side, start: int, stop: int) -> tuple[tuple, dict, Any]:
+    """(args, kwargs, targets) of examples start..stop-1, batch dimension kept."""
+    args = tuple(_rows(x, start, stop) for x in side.args)
+    kwargs = {k: _rows(x, start, stop) for k, x in side.kwargs.items()}
     targets = side.targets
     if isinstance(targets, Tensor):
         targets = targets[start:stop]
+    elif isinstance(targets, Mapping):
+        targets = type(targets)({k: _rows(t, start, stop) for k, t in targets.items()})
     elif isinstance(targets, (tuple, list)):
-        targets = type(targets)(t[start:stop] if isinstance(t, Tensor) else t for t in targets)
-    return inputs, targets
+        targets = type(targets)(_rows(t, start, stop) for t in targets)
+    return args, kwargs, targets
 
 
 @contextlib.contextmanager
@@ -229,8 +287,8 @@ class Implementation:
     def _side(model: nn.Module, batch: Any) -> Side:
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        inputs, targets, size = split_batch(batch)
-        return Side(model, trainable_parameters(model), inputs, targets, size)
+        args, kwargs, targets, size = split_batch(batch)
+        return Side(model, trainable_parameters(model), args, kwargs, targets, size)
 
     def _check_create_graph(self, create_graph: bool) -> None:
         if create_graph and not self.differentiable:

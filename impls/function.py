@@ -1,72 +1,46 @@
 """``function``: the custom ``torch.autograd.Function`` route (the notebook's second route).
 
-During one call, every ``nn.Linear``, ``nn.Conv1d/2d/3d`` and ``nn.Embedding`` that owns a
-trainable parameter computes its output through an autograd Function of this module. Its forward
-computes what the module computes; its backward records the layer's per-example factors (the
-input a, kept from the forward, and the output gradient g) and returns the gradient of the input
-only: ``None`` for weight and bias, so autograd never forms a weight-gradient product. One
-backward pass fills every layer's record; the reductions are the layer rules' ``squared_norms``
-and ``inner`` (``impls.layers``), so the factored forms the rules provide are used as they are.
+During one call, every ``F.linear``, ``F.conv1d/2d/3d`` and ``F.embedding`` call that uses a
+trainable parameter (nn.Linear, nn.Conv*, nn.Embedding, or any module calling them) computes its
+output through an autograd Function of this module. Its forward computes what the call computes;
+its backward records the output gradient g and returns the gradient of the input only: ``None``
+for weight and bias, so autograd never forms a weight-gradient product. One backward pass fills
+every call's record; the records are the same :class:`~impls.layers.Use` that ``ghost`` reduces,
+and they are reduced by ghost's engine (``impls.factors``): only how the output gradients travel
+differs (a Function's backward instead of a gradient edge).
 
-How the modules are switched, and why: a scoped *instance-level* ``forward`` attribute on each
-covered module, removed in a ``finally`` (``impls._guard`` restores every module's ``__dict__``
-after the call as well). The module's own ``__call__`` still runs, so the user's hooks see the
-same calls; the override knows its module, hence its padding mode, ``padding='same'`` and
-``padding_idx`` and the module the rules expect in a ``LayerCall``. A ``TorchFunctionMode``
-swapping ``F.conv2d`` calls instead would see an already padded input and no module, so the rule
-could not be given a faithful call. The mode is used only to *watch*: a trainable parameter
-used outside the forward of a module that owns it (a parent's ``F.linear(x, self.fc.weight)``,
-a parameter in ``loss_fn``) makes the answer impossible to get from the records, so it is
-refused.
-
-Covered: Linear (any leading dimensions), Conv1d/2d/3d (stride, dilation, groups, numeric /
-'same' / 'valid' padding, every padding mode), Embedding (``padding_idx``, ``sparse``). A layer
-called several times, or a parameter shared by covered layers (a tied embedding and decoder),
-gets the cross terms between its uses. Any other module that owns a trainable parameter
-(LayerNorm, attention, RNNs, a bare ``nn.Parameter``), a covered type whose ``forward`` was
-replaced, or a parameter used outside its modules: ``Unsupported`` naming it. ``create_graph``:
-``Unsupported`` (the backward is not itself differentiable).
+The calls are found by the same watch as ``ghost``'s (a ``TorchFunctionMode`` on the calling
+thread: another thread running the model meanwhile computes as usual). Any other use of a
+trainable parameter (LayerNorm, attention, RNNs, a bare ``nn.Parameter``, a parameter used in
+``loss_fn``), a call on a tensor shared by all examples, or ``create_graph``: ``Unsupported``
+naming the parameter and where it is used.
 """
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import threading
-from collections import defaultdict
-from collections.abc import Iterator
-
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from impls._capture import _ParameterUseWatch
-from impls.base import Implementation, LossFn, Side, Unsupported, per_example_losses
-from impls.layers import LayerCall, rule_for
-from impls.layers.conv import explicit_padding
+from impls._capture import Capture, no_values
+from impls._layouts import canonical
+from impls._watch import tensor_arguments
+from impls.base import Implementation, Unsupported, per_example_losses
+from impls.factors import combine, groups
+from impls.layers import Use
+from impls.layers.conv import ConvRule, explicit_padding
+from impls.layers.embedding import EmbeddingRule
+from impls.layers.linear import LinearRule
 
 _CONV_INPUT_GRAD = {
     1: torch.nn.grad.conv1d_input,
     2: torch.nn.grad.conv2d_input,
     3: torch.nn.grad.conv3d_input,
 }
-#: covered module types -> the local names of the parameters their Function accounts for
-_COVERED = {
-    nn.Linear: ("weight", "bias"),
-    nn.Conv1d: ("weight", "bias"),
-    nn.Conv2d: ("weight", "bias"),
-    nn.Conv3d: ("weight", "bias"),
-    nn.Embedding: ("weight",),
-}
 
-
-# -- the Functions ---------------------------------------------------------------------------
-
-
-# Each Function is given the list that receives its output gradient (its call's
-# ``grad_outputs``), never the call itself: the call holds the output, whose grad_fn holds ctx,
-# so a ctx holding the call would make a reference cycle that keeps every activation and the
-# graph alive after the answer is returned, until the cyclic garbage collector runs.
+# Each Function is given the list that receives its output gradient, never the use itself: the
+# use holds the output, whose grad_fn holds ctx, so a ctx holding the use would make a reference
+# cycle that keeps every activation and the graph alive after the answer is returned.
 
 
 class LinearFunction(torch.autograd.Function):
@@ -88,7 +62,7 @@ class LinearFunction(torch.autograd.Function):
 
 
 class ConvFunction(torch.autograd.Function):
-    """``F.conv{1,2,3}d`` with numeric padding; backward records g and returns only ∂/∂x."""
+    """``F.conv{1,2,3}d``; backward records g and returns only ∂/∂x."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, stride, padding, dilation, groups, sink):
@@ -127,264 +101,115 @@ class EmbeddingFunction(torch.autograd.Function):
         return None, None, None, None
 
 
-def _apply(module: nn.Module, x: Tensor, call: LayerCall) -> Tensor:
-    """What ``module(x)`` computes, through the module's Function (g goes to the call)."""
-    sink = call.grad_outputs
-    if not isinstance(module, nn.Embedding) and isinstance(x, Tensor):
-        batched = 2 if isinstance(module, nn.Linear) else module.weight.dim()
-        if x.dim() < batched:  # an unbatched call: its first dimension is no batch dimension
-            raise Unsupported(
-                f"{type(module).__name__} '{call.name}' was called on an unbatched input of "
-                f"shape {tuple(x.shape)}: its output is shared by all examples"
-            )
-    if isinstance(module, nn.Linear):
-        return LinearFunction.apply(x, module.weight, module.bias, sink)
-    if isinstance(module, nn.Embedding):
-        return EmbeddingFunction.apply(x, module.weight, module.padding_idx, sink)
-    # convolution: pad as the module does (padding mode, 'same'), then a padding-free Function;
-    # plain zero padding goes into the convolution itself, as the module does it
-    padding = module.padding
-    if module.padding_mode != "zeros" or isinstance(padding, str):
-        x, padding = explicit_padding(module, x), 0
-    return ConvFunction.apply(
-        x, module.weight, module.bias, module.stride, padding, module.dilation, module.groups, sink
-    )
+_COVERED = (LinearRule, ConvRule, EmbeddingRule)
 
 
-# -- recording one side ----------------------------------------------------------------------
+def _through_function(use, sink: list) -> Tensor:
+    """What the recorded call computes, through its Function (g goes to ``sink``)."""
+    binding = use.binding
+    x = binding.activations[0]
+    weight, bias = binding.weights.get("weight"), binding.weights.get("bias")
+    if isinstance(use.rule, LinearRule):
+        return LinearFunction.apply(x, weight, bias, sink)
+    if isinstance(use.rule, EmbeddingRule):
+        return EmbeddingFunction.apply(x, weight, use.config["padding_idx"], sink)
+    config = use.config
+    padding = config["padding"]
+    if isinstance(padding, str):
+        x, padding = explicit_padding(x, padding, weight.shape[2:], config["dilation"]), 0
+    return ConvFunction.apply(x, weight, bias, config["stride"], padding, config["dilation"],
+                              config["groups"], sink)  # fmt: skip
 
 
-@dataclasses.dataclass
-class _Planned:
-    name: str
-    module: nn.Module
-    wanted: dict[str, nn.Parameter]
+class FunctionCapture(Capture):
+    """The capture, with recorded calls run through the Functions and anything else refused."""
 
+    def __init__(self, side):
+        super().__init__(side, create_graph=False)
+        self.sinks: list[tuple[Use, list]] = []
 
-def _plan(side: Side) -> list[_Planned]:
-    """The covered modules that own a trainable parameter; Unsupported for any other owner."""
-    trainable = {id(p) for p in side.params.values()}
-    names = {id(p): n for n, p in side.params.items()}
-    planned = []
-    for name, module in side.model.named_modules():
-        owned = {
-            local: p
-            for local, p in module._parameters.items()
-            if p is not None and id(p) in trainable
-        }
-        if not owned:
-            continue
-        label = f"{type(module).__name__} '{name or type(side.model).__name__}'"
-        base = next((t for t in type(module).__mro__ if t in _COVERED), None)
-        if base is None:
-            local, p = next(iter(owned.items()))
-            raise Unsupported(
-                f"'function' covers only Linear, Conv1d/2d/3d and Embedding: parameter "
-                f"'{names[id(p)]}' belongs to {label}"
-            )
-        if type(module).forward is not base.forward or "forward" in module.__dict__:
-            raise Unsupported(
-                f"{label} replaces the {base.__name__} forward: 'function' cannot tell what it "
-                "computes"
-            )
-        extra = sorted(set(owned) - set(_COVERED[base]))
-        if extra:
-            raise Unsupported(
-                f"'function' cannot account for parameter '{names[id(owned[extra[0]])]}' of {label}"
-            )
-        rule = rule_for(module)
-        if rule is None:
-            raise Unsupported(f"no layer rule for {label}")
-        rule.check(module, name or type(side.model).__name__)
-        planned.append(_Planned(name or type(side.model).__name__, module, owned))
-    return planned
-
-
-@contextlib.contextmanager
-def recording(side: Side, calls: list[LayerCall]) -> Iterator[None]:
-    """Route the covered modules of ``side.model`` through the Functions while inside.
-
-    Each call of a covered module appends its :class:`LayerCall` to ``calls`` (its
-    ``grad_outputs`` are filled by the backward pass). On exit the instance-level overrides are
-    removed, whatever happened; a trainable parameter used where no covered module accounts for
-    it raises ``Unsupported`` (after a forward that completed).
-    """
-    planned = _plan(side)
-    coverage: dict[int, int] = defaultdict(int)
-    watch = _ParameterUseWatch({id(p): n for n, p in side.params.items()}, coverage)
-    watch.track_batch(side.inputs)  # a layer fed a tensor shared by all examples is refused
-    overridden = []
-    try:
-        for plan in planned:
-            plan.module.forward = _forward_override(plan, side.batch_size, calls, coverage, watch)
-            overridden.append(plan.module)
-        with watch:
-            yield
-    finally:
-        for module in overridden:
-            module.__dict__.pop("forward", None)
-    if watch.uncovered is not None:
+    def _refuse(self, weights, func):
+        named = next((w for w in weights if id(w) in self.names), None)
+        what = f"parameter '{self.names[id(named)]}'" if named is not None else "a shared tensor"
         raise Unsupported(
-            f"parameter '{watch.uncovered}' is used outside the forward of the covered module "
-            "that owns it: 'function' cannot account for that use"
+            f"'function' covers only F.linear, convolutions and embeddings: {what} is used by "
+            f"{self.where(func)}"
         )
 
+    def _record(self, rule, binding, func, args, kwargs):
+        if not isinstance(rule, _COVERED):
+            self._refuse([w for w in binding.weights.values() if w is not None], func)
+        for role, w in binding.weights.items():
+            if w is not None and w.requires_grad and id(w) not in self.names:
+                raise Unsupported(
+                    f"'function' cannot account for the {role} of {self.where(func)}: it is "
+                    "computed from parameters, not a parameter"
+                )
+        return super()._record(rule, binding, func, args, kwargs)
 
-def _forward_override(plan: _Planned, batch_size: int, calls: list, coverage: dict, watch):
-    module, keys = plan.module, [id(p) for p in plan.wanted.values()]
-    rule = rule_for(module)
-    owner = threading.get_ident()
+    def _compute(self, use, func, args, kwargs):
+        if any(layout is None for layout in use.layouts):
+            raise Unsupported(
+                f"'function' cannot compute {use.where} per example: it is called on a tensor "
+                "shared by all examples"
+            )
+        sink: list = []
+        self.sinks.append((use, sink))
+        return _through_function(use, sink)
 
-    def forward(*args, **kwargs):
-        if threading.get_ident() != owner:  # another thread using the model meanwhile
-            return type(module).forward(module, *args, **kwargs)
-        if len(args) + len(kwargs) != 1:
-            raise TypeError(f"{type(module).__name__}.forward takes one input")
-        x = args[0] if args else next(iter(kwargs.values()))
-        call = LayerCall(
-            module=module,
-            name=plan.name,
-            rule=rule,
-            args=(x,),
-            kwargs={},
-            outputs=None,
-            output_tensors=[],
-            wanted=plan.wanted,
-            batch_size=batch_size,
-            versions=[(x, x._version)] if isinstance(x, Tensor) else [],
-            input_batched=watch.is_batched(x),
-        )
-        for key in keys:
-            coverage[key] += 1
-        try:
-            output = _apply(module, x, call)
-        finally:
-            for key in keys:
-                coverage[key] -= 1
-        call.outputs, call.output_tensors = output, [output]
-        calls.append(call)
-        return output
+    def _meet(self, func, args, kwargs, weights):
+        self._refuse(weights, func)
 
-    return forward
+    def _alias(self, func, args, kwargs):
+        if no_values(func):
+            return NotImplemented
+        weights = [x for x in tensor_arguments(args, kwargs) if id(x) in self.names]
+        if weights:
+            self._refuse(weights, func)
+        return NotImplemented
 
-
-def recorded_calls(side: Side, loss_fn: LossFn) -> list[LayerCall]:
-    """One forward and one backward of ``side``: every covered call with its a and g."""
-    calls: list[LayerCall] = []
-    with torch.enable_grad():
-        with recording(side, calls):
-            outputs = side.model(*side.inputs)
-            losses = per_example_losses(loss_fn, outputs, side.targets, side.batch_size)
-        # asking for the parameters' gradients makes autograd run every recorded Function's
-        # backward; those return None for the parameters, so no weight gradient is formed
-        used = list({id(p): p for c in calls for p in c.wanted.values()}.values())
-        if losses.requires_grad and used:
-            torch.autograd.grad(losses.sum(), used, allow_unused=True)
-    for call in calls:
-        if not call.grad_outputs:  # the layer's output did not reach the loss
-            call.grad_outputs.append(torch.zeros_like(call.output_tensors[0]))
-        call.check_inputs_unchanged()
-    return calls
-
-
-# -- reductions with the layer rules ---------------------------------------------------------
-
-
-def _uses(calls: list[LayerCall]) -> dict[int, list[tuple[LayerCall, str]]]:
-    """id(parameter) -> every (call, local name) that uses it."""
-    uses: dict[int, list[tuple[LayerCall, str]]] = defaultdict(list)
-    for call in calls:
-        for local, p in call.wanted.items():
-            uses[id(p)].append((call, local))
-    return uses
-
-
-def _only(call: LayerCall, locals_: set[str]) -> LayerCall:
-    if set(call.wanted) == locals_:
-        return call
-    return dataclasses.replace(call, wanted={n: call.wanted[n] for n in locals_})
-
-
-def _pair_inner(
-    left: LayerCall, right: LayerCall, pairs: list[tuple[str, str, str]]
-) -> dict[str, Tensor]:
-    """Tensor[B, B'] per parameter name for ``pairs`` of (name, left local, right local).
-
-    Two calls of one rule with the same local names use the rule's ``inner`` (its factored form
-    where it has one); anything else (a parameter shared by two layer types) is the inner
-    product of the two rules' per-example gradients.
-    """
-    out: dict[str, Tensor] = {}
-    same = [(n, a) for n, a, b in pairs if a == b and left.rule is right.rule]
-    if same:
-        locals_ = {a for _, a in same}
-        values = left.rule.inner(_only(left, locals_), _only(right, locals_))
-        for name, local in same:
-            out[name] = values[local]
-    mixed = [(n, a, b) for n, a, b in pairs if not (a == b and left.rule is right.rule)]
-    if mixed:
-        left_samples = left.rule.grad_samples(_only(left, {a for _, a, _ in mixed}))
-        right_samples = right.rule.grad_samples(_only(right, {b for _, _, b in mixed}))
-        for name, a, b in mixed:
-            value = left_samples[a].flatten(1) @ right_samples[b].flatten(1).T
-            out[name] = out[name] + value if name in out else value
-    return out
-
-
-def _shared(
-    left: LayerCall, right: LayerCall, left_names: dict[int, str], right_names: dict[int, str]
-) -> list[tuple[str, str, str]]:
-    """(name, left local, right local) for the parameter names the two calls both use."""
-    by_name = {right_names[id(p)]: local for local, p in right.wanted.items()}
-    return [
-        (left_names[id(p)], local, by_name[left_names[id(p)]])
-        for local, p in left.wanted.items()
-        if left_names[id(p)] in by_name
-    ]
+    def _unknown(self, func, weights, where):
+        self._refuse(weights, func)
 
 
 class CustomFunction(Implementation):
     name = "function"
     differentiable = False
 
+    def _run(self, side, loss_fn) -> dict:
+        """name -> the factors of each trainable parameter's per-example gradients."""
+        capture = FunctionCapture(side)
+        with torch.enable_grad():
+            with capture:
+                outputs = side.call_model()
+                losses = per_example_losses(loss_fn, outputs, side.targets, side.batch_size)
+                capture.check_losses(losses)
+            used = list({id(p): p for u in capture.uses for p in u.wanted.values()}.values())
+            # asking for the parameters' gradients makes autograd run every recorded Function's
+            # backward; those return None for the parameters, so no weight gradient is formed
+            if losses.requires_grad and used:
+                torch.autograd.grad(losses.sum(), used, allow_unused=True)
+        parts: dict[str, list] = {}
+        for use, sink in capture.sinks:
+            grad = sink[0] if sink else torch.zeros_like(use.output)
+            use.grad_output = canonical(grad, use.output_layout, side.batch_size)
+            use.check_inputs_unchanged()
+            for role, factors in use.rule.factors(use).items():
+                name = capture.names[id(use.wanted[role])]
+                parts.setdefault(name, []).append(factors)
+        return {name: combine(factors) for name, factors in parts.items()}
+
     def _squared_norms(self, side, loss_fn, create_graph):
-        calls = recorded_calls(side, loss_fn)
-        names = {id(p): n for n, p in side.params.items()}
+        factors = self._run(side, loss_fn)
+        norms = groups.squared_norms(factors)
         zeros = torch.zeros(side.batch_size, dtype=side.dtype, device=side.device)
-        squared = {n: zeros for n in side.params}
-        for call in calls:
-            for local, value in call.rule.squared_norms(call).items():
-                name = names[id(call.wanted[local])]
-                squared[name] = squared[name] + value
-        # a parameter used by several calls: ‖Σ_k g_k‖² = Σ_k ‖g_k‖² + 2 Σ_{k<l} ⟨g_k, g_l⟩
-        done: set[tuple[int, int]] = set()
-        for uses in _uses(calls).values():
-            for k, (left, _) in enumerate(uses):
-                for right, _ in uses[k + 1 :]:
-                    if left is right or (id(left), id(right)) in done:
-                        continue
-                    done.add((id(left), id(right)))
-                    pairs = _shared(left, right, names, names)
-                    for name, value in _pair_inner(left, right, pairs).items():
-                        squared[name] = squared[name] + 2 * value.diagonal()
-        return squared
+        return {name: norms.get(name, zeros) for name in side.params}
 
     def _inner(self, side, other, loss_fn, create_graph):
-        left_calls = recorded_calls(side, loss_fn)
-        right_calls = left_calls if other is side else recorded_calls(other, loss_fn)
-        left_names = {id(p): n for n, p in side.params.items()}
-        right_names = {id(p): n for n, p in other.params.items()}
-        right_uses = _uses(right_calls)
-        by_name = {n: right_uses.get(id(p), []) for n, p in other.params.items()}
-        total = torch.zeros(side.batch_size, other.batch_size, dtype=side.dtype, device=side.device)
-        for left in left_calls:
-            partners = {
-                id(call): call
-                for p in left.wanted.values()
-                for call, _ in by_name[left_names[id(p)]]
-            }
-            for right in partners.values():
-                pairs = _shared(left, right, left_names, right_names)
-                for value in _pair_inner(left, right, pairs).values():
-                    total = total + value
+        left = self._run(side, loss_fn)
+        right = left if other is side else self._run(other, loss_fn)
+        total = groups.inner_sum(left, right, other is side)
+        if total is None:
+            return torch.zeros(side.batch_size, other.batch_size, dtype=side.dtype,
+                               device=side.device)  # fmt: skip
         return total

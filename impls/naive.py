@@ -15,8 +15,8 @@ class NaiveLoop(MaterializingImplementation):
         params = list(side.params.values())
         rows = []
         for i in range(side.batch_size):
-            inputs, targets = example_slice(side, i, i + 1)
-            loss = per_example_losses(loss_fn, side.model(*inputs), targets, 1)[0]
+            args, kwargs, targets = example_slice(side, i, i + 1)
+            loss = per_example_losses(loss_fn, side.call_model(args, kwargs), targets, 1)[0]
             grads = torch.autograd.grad(loss, params, allow_unused=True, create_graph=create_graph)
             rows.append(
                 [

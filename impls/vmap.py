@@ -6,6 +6,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Mapping
+
 import torch
 from torch.func import functional_call, grad, vmap
 from torch.overrides import TorchFunctionMode
@@ -46,31 +49,30 @@ class Vmap(MaterializingImplementation):
 
     def _grad_samples(self, side, loss_fn, create_graph):
         model = side.model
+        _refuse_what_vmap_cannot_do(model)
         params = {n: (p if create_graph else p.detach()) for n, p in side.params.items()}
-        targets = side.targets
-        targets_batched = _batched_dims(targets)
 
-        def loss_of_one(params, inputs, targets):
-            inputs = tuple(x.unsqueeze(0) for x in inputs)
-            targets = _unsqueeze(targets)
-            outputs = functional_call(model, params, inputs, strict=False)
+        def loss_of_one(params, args, kwargs, targets):
+            args, kwargs, targets = _unsqueeze(args), _unsqueeze(kwargs), _unsqueeze(targets)
+            outputs = functional_call(model, params, args, kwargs, strict=False)
             return per_example_losses(loss_fn, outputs, targets, 1)[0]
 
         per_example = vmap(
             grad(loss_of_one),
-            in_dims=(None, 0, targets_batched),
+            in_dims=(None, _batched_dims(side.args), _batched_dims(side.kwargs),
+                     _batched_dims(side.targets)),
             chunk_size=self.chunk_size,
-        )
-        if not create_graph:
-            return per_example(params, side.inputs, targets)
-        with _SpotOps(_WRONG_DOUBLE_BACKWARD) as spot:
+        )  # fmt: skip
+        what = "differentiate" if create_graph else "compute"
+        spot = _SpotOps(_WRONG_DOUBLE_BACKWARD) if create_graph else contextlib.nullcontext()
+        with spot:
             try:
-                samples = per_example(params, side.inputs, targets)
-            except RuntimeError as error:  # a batching rule torch.func lacks with create_graph
-                first = str(error).splitlines()[0] if str(error) else type(error).__name__
-                raise Unsupported(
-                    f"torch.func vmap cannot differentiate this model: {first}"
-                ) from error
+                samples = per_example(params, side.args, side.kwargs, side.targets)
+            except RuntimeError as error:  # a batching rule or a feature torch.func lacks
+                first = str(error).strip().splitlines()[0] if str(error).strip() else "error"
+                raise Unsupported(f"torch.func vmap cannot {what} this model: {first}") from error
+        if not create_graph:
+            return samples
         if spot.seen:
             raise Unsupported(
                 f"vmap cannot differentiate through {spot.seen}: torch.func's double backward "
@@ -79,17 +81,35 @@ class Vmap(MaterializingImplementation):
         return samples
 
 
-def _batched_dims(targets):
-    if isinstance(targets, torch.Tensor):
+def _refuse_what_vmap_cannot_do(model: torch.nn.Module) -> None:
+    """Refuse, before running, what would change the caller's model under vmap."""
+    for name, module in model.named_modules():
+        if isinstance(module, (torch.nn.Embedding, torch.nn.EmbeddingBag)) and module.max_norm:
+            raise Unsupported(
+                f"{type(module).__name__} '{name}' with max_norm renormalises its weight in place "
+                "during the forward, which torch.func cannot batch"
+            )
+
+
+def _batched_dims(value):
+    """in_dims for a batch value: 0 for its tensors (batch first), None for anything else."""
+    if isinstance(value, torch.Tensor):
         return 0
-    if isinstance(targets, (tuple, list)):
-        return type(targets)(0 if isinstance(t, torch.Tensor) else None for t in targets)
+    if isinstance(value, Mapping):
+        return {k: 0 if isinstance(v, torch.Tensor) else None for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(0 if isinstance(t, torch.Tensor) else None for t in value)
     return None
 
 
-def _unsqueeze(targets):
-    if isinstance(targets, torch.Tensor):
-        return targets.unsqueeze(0)
-    if isinstance(targets, (tuple, list)):
-        return type(targets)(t.unsqueeze(0) if isinstance(t, torch.Tensor) else t for t in targets)
-    return targets
+def _unsqueeze(value):
+    """Inside vmap: one example with its batch dimension of 1 back."""
+    if isinstance(value, torch.Tensor):
+        return value.unsqueeze(0)
+    if isinstance(value, Mapping):
+        return type(value)(
+            {k: v.unsqueeze(0) if isinstance(v, torch.Tensor) else v for k, v in value.items()}
+        )
+    if isinstance(value, (tuple, list)):
+        return type(value)(t.unsqueeze(0) if isinstance(t, torch.Tensor) else t for t in value)
+    return value

@@ -1,12 +1,14 @@
-"""Per-layer math: each module family's per-example gradients from one captured call.
+"""Per-layer math: each family of torch calls' per-example gradients from one recorded call.
 
-One file per layer family registers a :class:`LayerRule` for its module types (linear, conv,
-embedding, norm, attention, recurrent). A rule describes the per-example gradients as factors
-(``factored``: outer-product sums, token rows, dense values) whose reductions — squared norms,
-inner products, per-example gradients — choose the cheaper of the factored form and
-materialising. Whole-model strategies (``impls/hooks.py``, ``impls/ghost.py``,
-``impls/function.py``) look rules up with :func:`rule_for` and never re-derive the math. A
-module with trainable parameters and no rule gets :class:`VmapFallback`.
+One file per family registers an :class:`OpRule` for its functions: ``linear`` (F.linear,
+addmm, a weight in a matmul), ``conv``, ``embedding``, ``norm``. ``attention`` and ``recurrent``
+register replacements: nn.MultiheadAttention's and the RNNs' opaque calls recomputed in steps the
+linear rule accounts for. A rule describes per-example gradients as factors
+(``impls.factors``), whose reductions choose the cheaper of the factored form and
+materialising. Whole-model strategies (``impls/ghost.py``, ``impls/hooks.py``,
+``impls/function.py``) get rules from :func:`rule_for` through the capture and never re-derive
+the math. Calls with a parameter that no rule knows get the per-module vmap fallback
+(``fallback``).
 """
 
 from impls.layers import (  # noqa: F401  (registration)
@@ -17,7 +19,7 @@ from impls.layers import (  # noqa: F401  (registration)
     norm,
     recurrent,
 )
-from impls.layers.base import LayerCall, LayerRule, register_rule, rule_for
-from impls.layers.fallback import VmapFallback
+from impls.layers.base import Binding, OpRule, Use, register_rule, rule_for
+from impls.layers.replacements import REPLACEMENTS
 
-__all__ = ["LayerCall", "LayerRule", "VmapFallback", "register_rule", "rule_for"]
+__all__ = ["REPLACEMENTS", "Binding", "OpRule", "Use", "register_rule", "rule_for"]

@@ -1,46 +1,66 @@
-"""nn.Embedding: indices x [n, *], output gradients g [n, *, D].
+"""Embedding lookups: ``F.embedding(ids, weight, padding_idx, ...)`` (nn.Embedding) and
+``torch.embedding(weight, ids, padding_idx, ...)``.
 
 ∇E ℓ_n = Σ_t e_{x_nt} g_ntᵀ: each position adds its gradient to its token's row; the row of
-``padding_idx`` gets nothing. Kept as token rows (``Indexed``): norms sum each example's
-gradients per distinct token (O(T·D), no vocabulary-sized tensor), inner products pair the
-entries of equal tokens — Σ_{t,s}[x_nt = x'_ms](g_nt·g'_ms) — or materialise when the
-vocabulary is small.
+``padding_idx`` gets nothing. Kept as token rows (``Indexed``). ``max_norm`` rewrites the weight
+in place during the forward and ``scale_grad_by_freq`` scales by counts over the whole batch:
+both are refused.
 """
 
 from __future__ import annotations
 
 import torch
-from torch import nn
+import torch.nn.functional as F
+from torch import Tensor
 
 from impls.base import Unsupported
-from impls.layers.base import LayerRule, register_rule
-from impls.layers.factored import Indexed
+from impls.factors import Indexed
+from impls.layers.base import Binding, OpRule, register_rule
 
 
-class EmbeddingRule(LayerRule):
-    types = (nn.Embedding,)
+class EmbeddingRule(OpRule):
+    functions = (F.embedding, torch.embedding)
 
-    def check(self, module, name):
-        if module.max_norm is not None:
-            raise Unsupported(f"nn.Embedding '{name}' with max_norm rewrites its weight in forward")
-        if module.scale_grad_by_freq:
-            raise Unsupported(
-                f"nn.Embedding '{name}' with scale_grad_by_freq scales by batch-wide counts"
-            )
+    def bind(self, func, args, kwargs, is_weight):
+        if func is torch.embedding:  # (weight, indices, padding_idx=-1, scale_grad_by_freq, sparse)
+            weight, ids = args[0], args[1]
+            padding_idx = args[2] if len(args) > 2 else kwargs.get("padding_idx", -1)
+            padding_idx = None if padding_idx is None or padding_idx < 0 else padding_idx
+            by_freq = args[3] if len(args) > 3 else kwargs.get("scale_grad_by_freq", False)
+            max_norm = None
+        else:
+            ids = args[0] if args else kwargs.get("input")
+            weight = args[1] if len(args) > 1 else kwargs.get("weight")
+            padding_idx = args[2] if len(args) > 2 else kwargs.get("padding_idx")
+            max_norm = args[3] if len(args) > 3 else kwargs.get("max_norm")
+            by_freq = args[5] if len(args) > 5 else kwargs.get("scale_grad_by_freq", False)
+            if padding_idx is not None and padding_idx < 0:
+                padding_idx += weight.shape[0]
+        if not isinstance(ids, Tensor) or not isinstance(weight, Tensor) or not is_weight(weight):
+            return None
+        config = {"padding_idx": padding_idx, "max_norm": max_norm, "by_freq": bool(by_freq)}
+        return Binding((ids,), {"weight": weight}, config)
 
-    def factors(self, call):
-        module = call.module
-        if "weight" not in call.wanted:
+    def check(self, use):
+        if use.config["max_norm"] is not None:
+            raise Unsupported(f"{use.where} with max_norm rewrites its weight in forward")
+        if use.config["by_freq"]:
+            raise Unsupported(f"{use.where} with scale_grad_by_freq scales by batch-wide counts")
+
+    def factors(self, use):
+        if "weight" not in use.wanted:
             return {}
-        n = call.batch_size
-        index = call.input.reshape(n, -1)  # [n, t]
-        g = call.grad_output.reshape(n, index.shape[1], -1)  # [n, t, D]
+        n = use.batch_size
+        weight = use.wanted["weight"]
+        index = use.activation().reshape(n, -1)  # [n, t]
+        g = use.output_gradient().reshape(n, index.shape[1], -1)  # [n, t, D]
         example = torch.arange(n, device=index.device).repeat_interleave(index.shape[1])
         row, values = index.reshape(-1), g.reshape(-1, g.shape[-1])
-        if module.padding_idx is not None:
-            keep = row != module.padding_idx
+        padding_idx = use.config["padding_idx"]
+        if padding_idx is not None:
+            keep = row != padding_idx
             example, row, values = example[keep], row[keep], values[keep]
-        return {"weight": Indexed(example, row, values, n, module.num_embeddings)}
+        return {"weight": Indexed(example, row, values, n, weight.shape[0])}
 
 
 register_rule(EmbeddingRule())

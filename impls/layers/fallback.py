@@ -1,96 +1,126 @@
-"""Per-module vmap fallback: per-example gradients of a module without a formula.
+"""Per-module vmap fallback: per-example gradients of parameters used by calls no rule knows.
 
-With the module's captured inputs x_n and output gradients g_n, example n's gradient of the
-module's parameters is ∇θ ⟨module_θ(x_n), g_n⟩, computed by ``vmap(grad(...))`` over the batch
-on the module alone (its children are constants unless the rule is recursive).
-
-The batch dimension of each argument and output is dimension 0 when its size is the batch size;
-recurrent modules declare theirs (``batch_first``; hidden states carry it in dimension 1). An
-argument whose batch dimension cannot be told is refused rather than guessed.
+With a module call's arguments x and its output gradients g, example n's gradient of the
+parameters θ is ∇θ ⟨module_θ(x_n), g_n⟩, computed by ``vmap(grad(...))`` over the examples on
+the module alone (its other parameters and its children are constants). Where each argument and
+output carries the examples is its layout from the watch (``impls._layouts``), never a size:
+arguments that carry no batch are passed to every example unbatched (a call on a shared tensor
+is vmapped over its per-example output gradients alone), folded batches are unfolded, and an
+argument whose examples cannot be located is refused.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Any
+
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from impls._layouts import Layout
 from impls.base import Unsupported
-from impls.layers.base import LayerRule
 
 
-def _tensor_batch_dim(module: nn.Module, path_index: int, tensor, batch_size: int):
-    if isinstance(module, nn.RNNBase):
-        # input / output sequence: batch_first decides; hidden states (h, c): dimension 1
-        if path_index == 0:
-            return 0 if module.batch_first else 1
-        return 1
-    if tensor.dim() >= 1 and tensor.shape[0] == batch_size:
-        return 0
-    return None
+@dataclass(eq=False)
+class ModuleCall:
+    """One call of a module whose parameters (``wanted``, local name -> parameter) need the
+    fallback, with the layouts of its argument and output leaves and, after the backward, the
+    gradients of its output leaves that carry gradient."""
 
+    name: str  # for messages
+    module: nn.Module
+    args: tuple
+    kwargs: dict
+    arg_layouts: list[Layout | None]  # per leaf of (args, kwargs)
+    outputs: Any
+    output_layouts: list[Layout | None]  # per output leaf; None: shared by every example
+    wanted: dict[str, nn.Parameter]
+    batch_size: int
+    create_graph: bool = False
+    grads: dict[int, Tensor] = field(default_factory=dict)  # output leaf index -> gradient
+    frame: Any = None  # the watch's record of the call (which uses it redoes)
 
-class VmapFallback(LayerRule):
-    """Any module, through ``vmap(grad)`` of ⟨module(x_n), g_n⟩ over the examples."""
+    def output_leaves(self) -> list[Tensor]:
+        leaves, _ = tree_flatten(self.outputs)
+        return leaves
 
-    def __init__(self, recursive: bool = False):
-        self.recursive = recursive
-
-    def grad_samples(self, call):
-        module, n = call.module, call.batch_size
-        create_graph = call.create_graph
-        leaves, spec = tree_flatten((call.args, call.kwargs))
-        dims = []
-        for k, leaf in enumerate(leaves):
-            if isinstance(leaf, torch.Tensor):
-                dims.append(_tensor_batch_dim(module, k, leaf, n))
-                if not create_graph:
-                    leaves[k] = leaf.detach()
-            else:
-                dims.append(None)
-        if isinstance(module, nn.RNNBase) and len([x for x in leaves if torch.is_tensor(x)]) > 1:
-            raise Unsupported(
-                f"vmap fallback for '{call.name}': an initial hidden state is not supported"
-            )
-        output_leaves = _all_output_leaves(call.outputs)
-        keep = [k for k, leaf in enumerate(output_leaves) if _carries(leaf)]
-        batched_out = [_tensor_batch_dim(module, k, output_leaves[k], n) for k in keep]
-        if any(d is None for d in batched_out):
-            raise Unsupported(f"vmap fallback for '{call.name}': an output has no batch dimension")
-        params = {name: (p if create_graph else p.detach()) for name, p in call.wanted.items()}
-        grad_outputs = call.grad_outputs
-
-        def contribution(params, batched_leaves, grad_outputs):
-            full = list(leaves)
-            for k, (d, leaf) in enumerate(zip(dims, batched_leaves, strict=True)):
-                if d is not None:
-                    full[k] = leaf.unsqueeze(d)
-            args, kwargs = tree_unflatten(full, spec)
-            outputs = functional_call(module, params, args, kwargs, strict=False)
-            out_leaves = _all_output_leaves(outputs)
-            total = 0
-            for k, g, d in zip(keep, grad_outputs, batched_out, strict=False):
-                total = total + (out_leaves[k].squeeze(d) * g).sum()
-            return total
-
-        batched_leaves = [
-            leaf if d is not None else None for leaf, d in zip(leaves, dims, strict=True)
+    def gradient_leaves(self) -> list[int]:
+        return [
+            k
+            for k, leaf in enumerate(self.output_leaves())
+            if isinstance(leaf, Tensor) and leaf.requires_grad
         ]
-        in_dims = (None, dims, batched_out)
-        per_example = vmap(grad(contribution), in_dims=in_dims)
-        try:
-            return per_example(params, batched_leaves, list(grad_outputs))
-        except RuntimeError as exc:
-            # torch.func cannot batch every module (random ops, some kernels): a refusal
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise Unsupported(f"vmap fallback for '{call.name}' failed: {reason}") from exc
 
 
-def _all_output_leaves(outputs):
-    leaves, _ = tree_flatten(outputs)
-    return leaves
+def _exposed(x: Tensor, layout: Layout, batch_size: int) -> tuple[Tensor, int]:
+    """(x with the examples as a dimension of their own, that dimension)."""
+    if layout.plain:
+        return x, layout.dim
+    shape = (layout.outer, batch_size, layout.inner)
+    return x.unflatten(layout.dim, shape), layout.dim + 1
 
 
-def _carries(leaf) -> bool:
-    return isinstance(leaf, torch.Tensor) and leaf.requires_grad
+def _one(x: Tensor, layout: Layout) -> Tensor:
+    """Inside vmap: example n's slice back in the layout the module saw (its rows in place)."""
+    if layout.plain:
+        return x.unsqueeze(layout.dim)
+    return x.flatten(layout.dim, layout.dim + 1)
+
+
+def grad_samples(call: ModuleCall) -> dict[str, Tensor]:
+    """Local name -> Tensor[B, *param.shape] for every parameter in ``call.wanted``."""
+    n, create_graph = call.batch_size, call.create_graph
+    leaves, spec = tree_flatten((call.args, call.kwargs))
+    batched, dims = [], []
+    for leaf, layout in zip(leaves, call.arg_layouts, strict=True):
+        if isinstance(leaf, Tensor) and layout is not None:
+            x, d = _exposed(leaf if create_graph else leaf.detach(), layout, n)
+            batched.append(x)
+            dims.append(d)
+        else:
+            batched.append(None)
+            dims.append(None)
+    constants = [
+        (leaf if create_graph else leaf.detach()) if isinstance(leaf, Tensor) else leaf
+        for leaf in leaves
+    ]
+    keep = call.gradient_leaves()
+    out_layouts = [call.output_layouts[k] for k in keep]
+    grads, grad_dims = [], []
+    for k, layout in zip(keep, out_layouts, strict=True):
+        g = call.grads[k]
+        if layout is None:  # shared output: per-example gradients [B, *shape]
+            grads.append(g)
+            grad_dims.append(0)
+        else:
+            g, d = _exposed(g, layout, n)
+            grads.append(g)
+            grad_dims.append(d)
+    params = {name: (p if create_graph else p.detach()) for name, p in call.wanted.items()}
+    module = call.module
+
+    def contribution(params, batched_leaves, grads):
+        full = list(constants)
+        for k, (layout, leaf) in enumerate(zip(call.arg_layouts, batched_leaves, strict=True)):
+            if leaf is not None:
+                full[k] = _one(leaf, layout)
+        args, kwargs = tree_unflatten(full, spec)
+        outputs = functional_call(module, params, args, kwargs, strict=False)
+        out_leaves, _ = tree_flatten(outputs)
+        total = 0
+        for k, g, layout in zip(keep, grads, out_layouts, strict=True):
+            if layout is not None:
+                g = _one(g, layout)
+            total = total + (out_leaves[k] * g).sum()
+        return total
+
+    per_example = vmap(grad(contribution), in_dims=(None, dims, grad_dims))
+    try:
+        return per_example(params, batched, grads)
+    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+        # torch.func cannot batch every module (random ops, some kernels): a refusal
+        lines = str(exc).strip().splitlines()
+        reason = lines[0] if lines else type(exc).__name__
+        raise Unsupported(f"vmap fallback for {call.name} failed: {reason}") from exc

@@ -1,0 +1,89 @@
+"""What every factor kind is: example n's gradient of one parameter, unevaluated."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from impls.factors.costs import squared_row_norms
+
+
+class Factors:
+    """Example n's gradient of one parameter (Tensor[*shape]) for n in the batch, unevaluated."""
+
+    batch_size: int
+    shape: torch.Size
+
+    def materialize(self) -> Tensor:
+        """Tensor[n, *shape]: every example's gradient."""
+        raise NotImplementedError
+
+    def squared_norms(self) -> Tensor:
+        """Tensor[n]: ‖example n's gradient‖²."""
+        return squared_row_norms(self.materialize().flatten(1))
+
+    def placed(self, shape: torch.Size, row_start: int) -> Factors:
+        """The same gradients as rows ``row_start``.. of a parameter of ``shape`` (zeros
+        elsewhere): a use that read a row slice of the parameter."""
+        if row_start == 0 and tuple(shape) == tuple(self.shape):
+            return self
+        values = self.materialize()
+        n, height = values.shape[0], values.shape[1]
+        inner = values[0].numel() // max(height, 1)
+        flat = values.reshape(n, height, inner)
+        padded = F.pad(flat, (0, 0, row_start, shape[0] - row_start - height))
+        return Dense(padded.reshape(n, *shape))
+
+
+@dataclass(eq=False)
+class Dense(Factors):
+    """The gradients themselves, values [n, *shape] (small parameters, the vmap fallback)."""
+
+    values: Tensor
+
+    @property
+    def batch_size(self) -> int:
+        return self.values.shape[0]
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.values.shape[1:]
+
+    def materialize(self) -> Tensor:
+        return self.values
+
+    def squared_norms(self) -> Tensor:
+        return squared_row_norms(self.values.flatten(1))
+
+
+@dataclass(eq=False)
+class Sum(Factors):
+    """Σ_k parts_k: one parameter used at several places whose factors cannot be merged."""
+
+    parts: list[Factors]
+
+    @property
+    def batch_size(self) -> int:
+        return self.parts[0].batch_size
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.parts[0].shape
+
+    def materialize(self) -> Tensor:
+        return sum(p.materialize() for p in self.parts)
+
+    def squared_norms(self) -> Tensor:
+        from impls.factors.pairs import diagonal
+
+        # ‖Σ_k F_k‖² = Σ_k ‖F_k‖² + 2 Σ_{k<l} ⟨F_k, F_l⟩ per example
+        total = None
+        for k, f in enumerate(self.parts):
+            value = f.squared_norms()
+            for g in self.parts[k + 1 :]:
+                value = value + 2 * diagonal(f, g)
+            total = value if total is None else total + value
+        return total

@@ -193,7 +193,7 @@ class Capture:
             return NotImplemented
         replacement = REPLACEMENTS.get(func)
         if replacement is not None:
-            with self.watch:  # the replacement's own calls are followed and captured
+            with self.watch.following():  # the replacement's own calls are followed and captured
                 result = replacement(args, kwargs, self.watch)
             if result is not NotImplemented:
                 return result
@@ -454,6 +454,9 @@ class Capture:
 
     def __exit__(self, *exc):
         self.watch.__exit__(*exc)
+        # the watch's interceptor is this capture's method: without this, capture and watch
+        # would hold each other, and every recorded tensor would wait for the cyclic collector
+        self.watch.interceptor = None
         return False
 
     def check_losses(self, losses: Tensor) -> None:

@@ -154,7 +154,7 @@ def propagate(call: Call) -> list[Tag]:
         return []
     lost = next((t for _, t in call.tagged() if isinstance(t, Lost)), None)
     if handler is None:
-        tag: Any = Lost(f"torch.{call.name} is not an operation pegbench can follow the batch through")
+        tag: Any = Lost(f"torch.{call.name} is not an operation pegbench follows the batch through")
     elif lost is not None:
         tag = lost
     else:
@@ -822,7 +822,8 @@ def _addmm(call: Call):
     bias, a, b = call.args[0], call.args[1], call.args[2]
     layout = matmul_layout(call, a, b, call.result)
     if isinstance(call.tag_of(bias), Layout):
-        probe = Call("add", None, (call.result, bias), {}, call.result, call.tag_of, call.batch_size)
+        out = call.result
+        probe = Call("add", None, (out, bias), {}, out, call.tag_of, call.batch_size)
         if _pointwise(probe) != layout:
             raise _Unfollowable("adds a batched tensor along another dimension")
     return layout
@@ -1091,7 +1092,7 @@ def _gather(call: Call):
     dim = _norm_dim(dim, x.dim())
     tag_x, tag_i = call.tag_of(x), call.tag_of(index)
     found = None
-    for tag, t in ((tag_x, x), (tag_i, index)):
+    for tag in (tag_x, tag_i):
         if isinstance(tag, Layout):
             if tag.dim == dim:
                 raise _Unfollowable("gathers along the batch dimension")

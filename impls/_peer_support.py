@@ -10,14 +10,19 @@ wrong number; the rest are small helpers for refusals and library errors.
 from __future__ import annotations
 
 import contextlib
+import importlib
+import os
+import traceback
 import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
-from impls._capture import _ParameterUseWatch
+from impls._layouts import Layout, Lost
+from impls._watch import BatchWatch, tensor_arguments
 from impls.base import Unsupported
 
 #: ``check(name, module, args, kwargs)`` before a watched call, raising Unsupported to refuse it
@@ -39,14 +44,37 @@ def one_line(exc: BaseException, limit: int = 240) -> str:
 
 
 @contextlib.contextmanager
-def library_errors(library: str) -> Iterator[None]:
-    """Turn any failure inside the library into Unsupported with a one-line reason."""
+def library_errors(library: str, package: str) -> Iterator[None]:
+    """Turn a failure raised inside the library's own code into Unsupported with a one-line
+    reason; anything else (pegbench's own code, the caller's model) propagates unchanged.
+
+    Where an exception was raised is the innermost frame of its traceback outside torch (torch
+    raises on behalf of whoever called it): inside ``package`` it is the library's failure.
+    """
     try:
         yield
     except Unsupported:
         raise
-    except Exception as exc:  # noqa: BLE001 - whatever the library raises, the answer is refusal
+    except Exception as exc:
+        if not raised_in(exc, package):
+            raise
         raise Unsupported(f"{library} failed on this model: {one_line(exc)}") from exc
+
+
+_TORCH = os.path.dirname(torch.__file__) + os.sep
+
+
+def raised_in(exc: BaseException, package: str) -> bool:
+    """Whether the innermost non-torch frame of ``exc``'s traceback is in ``package``."""
+    module = importlib.import_module(package)
+    root = os.path.dirname(module.__file__) + os.sep
+    frames = traceback.extract_tb(exc.__traceback__)
+    for frame in reversed(frames):
+        filename = os.path.abspath(frame.filename)
+        if filename.startswith(_TORCH):
+            continue
+        return filename.startswith(root)
+    return False
 
 
 @contextlib.contextmanager
@@ -95,17 +123,6 @@ def disable_inplace(model: nn.Module) -> None:
             module.inplace = False
 
 
-def check_batch_axis(name: str, module: nn.Module, x: Any, batch_size: int, axis: int = 0) -> None:
-    """Refuse a call whose input does not carry the batch along ``axis`` (first by default)."""
-    if not isinstance(x, Tensor):
-        raise Unsupported(f"{label(name, module)} was called without a tensor input")
-    if x.dim() <= axis or x.shape[axis] != batch_size:
-        raise Unsupported(
-            f"{label(name, module)} was called on a tensor of shape {tuple(x.shape)} without the "
-            f"batch ({batch_size}) on axis {axis}: its hooks would mix or split examples"
-        )
-
-
 class ForwardWatch:
     """Hooks on the modules a library computes from, while the forward pass and loss run.
 
@@ -113,7 +130,10 @@ class ForwardWatch:
     while that module runs. The watch counts each module's calls, runs ``check`` before and
     ``after`` after each call, and on exit refuses any use of a trainable parameter made while
     no module covering it was running (a parent calling ``F.linear(x, self.fc.weight)``, a
-    parameter used in ``loss_fn``): the library's hooks never see such a use.
+    parameter used in ``loss_fn``): the library's hooks never see such a use. It follows the
+    batch with the one watcher (``impls._watch``): a covered module fed a tensor not computed
+    from the batch's inputs (e.g. ``torch.arange`` position ids), or with its examples along
+    another dimension than the library assumes, is refused.
 
     Its hooks stay until ``remove()``: a watched module that runs again during the backward pass
     (activation checkpointing recomputes it) would feed the library a second call, and is
@@ -132,10 +152,12 @@ class ForwardWatch:
         self.after = after
         self.calls: dict[int, int] = defaultdict(int)  # id(module) -> forward calls
         self._coverage: dict[int, int] = defaultdict(int)
-        self._watch = _ParameterUseWatch({id(p): n for n, p in params.items()}, self._coverage)
+        self._names = {id(p): n for n, p in params.items()}
+        self.uncovered: str | None = None
         self._handles: list[Any] = []
         self._closed = False
         self._exempt: set[int] = set()
+        self._watch = BatchWatch(0, interceptor=self._intercept)
 
     def __enter__(self) -> ForwardWatch:
         for name, module, keys in self.covered:
@@ -151,26 +173,59 @@ class ForwardWatch:
     def __exit__(self, *exc) -> bool:
         self._watch.__exit__(*exc)
         self._closed = True
-        if exc[0] is None and self._watch.uncovered is not None:
+        if exc[0] is None and self.uncovered is not None:
             raise Unsupported(
-                f"parameter '{self._watch.uncovered}' is used outside the forward of the module "
+                f"parameter '{self.uncovered}' is used outside the forward of the module "
                 "that owns it (no library hook can see that use)"
             )
         return False
 
-    def track_batch(self, inputs, exempt: Iterable[nn.Module] = ()) -> None:
-        """Tag the model's inputs: a covered module fed a tensor not computed from them (e.g.
-        ``torch.arange`` position ids) is refused, since its output is shared by all examples,
-        even when its first dimension happens to equal the batch size. ``exempt``: the library's
-        own layers, which build per-example tensors themselves (Opacus's DPRNN initial states).
-        """
-        self._watch.track_batch(tuple(inputs))
+    def track_batch(self, tensors: Iterable[Tensor], batch_size: int,
+                    exempt: Iterable[nn.Module] = ()) -> None:  # fmt: skip
+        """Tag the batch's tensors (examples along dimension 0). ``exempt``: the library's own
+        layers, which build per-example tensors themselves (Opacus's DPRNN initial states)."""
+        self._watch.batch_size = batch_size
+        for x in tensors:
+            self._watch.set_tag(x, Layout(0))
         self._exempt = {id(m) for m in exempt}
 
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+
+    def check_batch_axis(self, name: str, module: nn.Module, x: Any, axis: int = 0) -> None:
+        """Refuse a call whose input does not carry one example per index of ``axis``."""
+        what = label(name, module)
+        if not isinstance(x, Tensor):
+            raise Unsupported(f"{what} was called without a tensor input")
+        if id(module) in self._exempt:
+            return
+        tag = self._watch.tag_of(x)
+        if isinstance(tag, Lost):
+            raise Unsupported(f"{what} was called on a tensor whose examples are lost: "
+                              f"{tag.reason}")  # fmt: skip
+        if tag is None:
+            raise Unsupported(
+                f"{what} was called on a tensor not computed from the batch's inputs (e.g. "
+                "torch.arange position ids): its output is shared by all examples"
+            )
+        if tag != Layout(axis):
+            raise Unsupported(
+                f"{what} was called on a tensor of shape {tuple(x.shape)} without the batch one "
+                f"example per index of axis {axis}: its hooks would mix or split examples"
+            )
+
+    def _intercept(self, func, args, kwargs):
+        result = func(*args, **kwargs)
+        # only a call whose result carries gradient uses a parameter: reading p.dtype, p.shape
+        # or p.device, or p.detach(), is no gradient path
+        if self.uncovered is None and _carries_gradient(result):
+            for x in tensor_arguments(args, kwargs):
+                if id(x) in self._names and not self._coverage[id(x)]:
+                    self.uncovered = self._names[id(x)]
+                    break
+        return result
 
     def _before(self, name: str, keys: list[int]):
         def hook(module, args, kwargs):
@@ -180,15 +235,10 @@ class ForwardWatch:
                     "checkpointing?): the library's hooks would record a second call"
                 )
             first = args[0] if args else next(iter(kwargs.values()), None)
-            if (
-                isinstance(first, Tensor)
-                and id(module) not in self._exempt
-                and self._watch.is_batched(first) is False
-            ):
-                raise Unsupported(
-                    f"{label(name, module)} was called on a tensor not computed from the batch's "
-                    "inputs (e.g. torch.arange position ids): its output is shared by all examples"
-                )
+            if isinstance(first, Tensor) and id(module) not in self._exempt:
+                tag = self._watch.tag_of(first)
+                if tag is None or isinstance(tag, Lost):
+                    self.check_batch_axis(name, module, first, self._axis(first))
             self.calls[id(module)] += 1
             for key in keys:
                 self._coverage[key] += 1
@@ -196,6 +246,10 @@ class ForwardWatch:
                 self.check(name, module, args, kwargs)
 
         return hook
+
+    def _axis(self, x: Tensor) -> int:
+        tag = self._watch.tag_of(x)
+        return tag.dim if isinstance(tag, Layout) else 0
 
     def _after(self, name: str, keys: list[int]):
         def hook(module, args, kwargs, output):
@@ -207,3 +261,11 @@ class ForwardWatch:
                 self.after(name, module, args, kwargs, output)
 
         return hook
+
+
+def _carries_gradient(result) -> bool:
+    if isinstance(result, Tensor):
+        return result.requires_grad
+    if isinstance(result, (tuple, list)):
+        return any(isinstance(r, Tensor) and r.requires_grad for r in result)
+    return False

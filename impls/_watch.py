@@ -14,6 +14,7 @@ parameter or a torch call is named the same way everywhere.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import weakref
 from collections.abc import Callable, Iterable
@@ -165,6 +166,16 @@ class BatchWatch(TorchFunctionMode):
             self._handles.append(
                 module.register_forward_hook(after, with_kwargs=True, always_call=True)
             )
+
+    @contextlib.contextmanager
+    def following(self):
+        """Follow the calls made inside (from within a call this watch is handling, where the
+        mode is off): the mode only, the module hooks stay as they are."""
+        TorchFunctionMode.__enter__(self)
+        try:
+            yield self
+        finally:
+            TorchFunctionMode.__exit__(self, None, None, None)
 
     @property
     def frame(self) -> Frame | None:

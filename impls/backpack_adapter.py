@@ -45,7 +45,6 @@ from torch.utils._pytree import tree_flatten
 
 from impls._peer_support import (
     ForwardWatch,
-    check_batch_axis,
     disable_inplace,
     label,
     library_errors,
@@ -56,11 +55,15 @@ from impls.base import MaterializingImplementation, Side, Unsupported, per_examp
 
 
 def _extension_table() -> dict[type, Any]:
-    # BackPACK keeps its module -> module-extension table private; 1.7 stores it here
-    return BatchGrad()._BackpropExtension__module_extensions
-
-
-_EXTENSIONS = _extension_table()
+    """BackPACK's module -> module-extension table (private; 1.7 keeps it here). Another
+    version that moved it gives a refusal with the reason, not an error at import."""
+    try:
+        return BatchGrad()._BackpropExtension__module_extensions
+    except AttributeError as error:
+        raise Unsupported(
+            f"this BackPACK version keeps its extension table elsewhere ({error}): pegbench's "
+            "adapter knows BackPACK 1.7"
+        ) from error
 
 
 def _extended_modules(side: Side) -> list[tuple[str, nn.Module]]:
@@ -75,12 +78,15 @@ def _extended_modules(side: Side) -> list[tuple[str, nn.Module]]:
         if not own:
             continue
         what = label(name, module)
-        extension = _EXTENSIONS.get(type(module))
+        extension = _extension_table().get(type(module))
         if extension is None:
             raise Unsupported(
                 f"BackPACK has no extension for {what} (parameter '{names[id(own[0][1])]}')"
             )
-        handled = extension._ModuleExtension__params
+        handled = getattr(extension, "_ModuleExtension__params", None)
+        if handled is None:
+            raise Unsupported(f"this BackPACK version's extension for {what} is not one pegbench "
+                              "knows (BackPACK 1.7)")  # fmt: skip
         for local, _ in own:
             if local not in handled:
                 raise Unsupported(f"BackPACK's extension for {what} ignores parameter '{local}'")
@@ -132,7 +138,7 @@ def _backpack_run(side: Side, loss_fn, extension, savefield: str) -> dict[str, T
             )
         if not args:
             raise Unsupported(f"{label(name, module)} is called without positional inputs")
-        check_batch_axis(name, module, args[0], b)
+        watch.check_batch_axis(name, module, args[0])
         if isinstance(module, nn.RNNBase) and (
             any(a is not None for a in args[1:]) or kwargs.get("hx") is not None
         ):
@@ -163,17 +169,17 @@ def _backpack_run(side: Side, loss_fn, extension, savefield: str) -> dict[str, T
         id(p): p.__dict__.pop(savefield) for p in side.params.values() if savefield in vars(p)
     }
     try:
-        with library_errors("BackPACK"), quiet("backpack"):
+        with library_errors("BackPACK", "backpack"), quiet("backpack"):
             for _, module in modules:
                 extend(module)
         with torch.enable_grad(), quiet("backpack"), backpack(extension):
-            watch.track_batch(side.inputs)
+            watch.track_batch(side.batched_tensors(), b)
             with watch:
-                with library_errors("BackPACK"):
-                    outputs = side.model(*side.inputs)
+                with library_errors("BackPACK", "backpack"):
+                    outputs = side.call_model()
                 losses = per_example_losses(loss_fn, outputs, side.targets, b)
             if losses.requires_grad:
-                with library_errors("BackPACK"):
+                with library_errors("BackPACK", "backpack"):
                     torch.autograd.grad(losses.sum(), list(side.params.values()), allow_unused=True)
         if unseen:
             raise Unsupported(

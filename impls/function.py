@@ -140,7 +140,7 @@ class FunctionCapture(Capture):
         if not isinstance(rule, _COVERED):
             self._refuse([w for w in binding.weights.values() if w is not None], func)
         for role, w in binding.weights.items():
-            if w is not None and w.requires_grad and id(w) not in self.names:
+            if w is not None and w.requires_grad and self.resolve(w) is None:
                 raise Unsupported(
                     f"'function' cannot account for the {role} of {self.where(func)}: it is "
                     "computed from parameters, not a parameter"
@@ -195,8 +195,9 @@ class CustomFunction(Implementation):
             use.grad_output = canonical(grad, use.output_layout, side.batch_size)
             use.check_inputs_unchanged()
             for role, factors in use.rule.factors(use).items():
-                name = capture.names[id(use.wanted[role])]
-                parts.setdefault(name, []).append(factors)
+                name, row = capture.resolve(use.wanted[role])
+                shape = side.params[name].shape
+                parts.setdefault(name, []).append(factors.placed(shape, row))
         return {name: combine(factors) for name, factors in parts.items()}
 
     def _squared_norms(self, side, loss_fn, create_graph):

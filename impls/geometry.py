@@ -195,7 +195,7 @@ def orthogonal_parts(
     options = {"create_graph": create_graph}
     own = direction_batch is None and direction_model is None
     direction_batch = batch if direction_batch is None else direction_batch
-    _, _, direction_size = split_batch(direction_batch)
+    *_, direction_size = split_batch(direction_batch)
     weights = _weights(weights, direction_size)
     if own:
         gram = impl.inner(model, loss_fn, batch, **options)

@@ -54,7 +54,6 @@ from torch.utils._pytree import tree_flatten
 
 from impls._peer_support import (
     ForwardWatch,
-    check_batch_axis,
     disable_inplace,
     label,
     library_errors,
@@ -202,7 +201,7 @@ def _opacus_run(side: Side, loss_fn, ghost: bool) -> dict[str, Tensor]:
     # Opacus's Embedding sampler sets this process-wide flag and restores it only on success
     deterministic = torch.backends.cudnn.deterministic
     try:
-        with library_errors(library), quiet("opacus"):
+        with library_errors(library, "opacus"), quiet("opacus"):
             if ghost:
                 hook_sets.append(
                     _GhostModule(plan.model, islands, batch_first=True, loss_reduction="sum")
@@ -223,13 +222,14 @@ def _opacus_run(side: Side, loss_fn, ghost: bool) -> dict[str, Tensor]:
         working = dict(_trainable(plan.model))
         watch = _watch(hook_sets, plan, side.batch_size, ghost, working, handles)
         with torch.enable_grad(), quiet("opacus"):
-            watch.track_batch(side.inputs, [m for _, dp, _ in plan.swapped for m in dp.modules()])
+            exempt = [m for _, dp, _ in plan.swapped for m in dp.modules()]
+            watch.track_batch(side.batched_tensors(), side.batch_size, exempt)
             with watch:
-                with library_errors(library):
-                    outputs = hook_sets[0](*side.inputs)
+                with library_errors(library, "opacus"):
+                    outputs = hook_sets[0](*side.args, **side.kwargs)
                 losses = per_example_losses(loss_fn, outputs, side.targets, side.batch_size)
             if losses.requires_grad:
-                with library_errors(library):
+                with library_errors(library, "opacus"):
                     torch.autograd.grad(losses.sum(), list(working.values()), allow_unused=True)
         _check_pairing(watch)
         return _collect(plan, side.batch_size, ghost)
@@ -338,7 +338,7 @@ def _swap(model: nn.Module, swaps: list[tuple[str, nn.Module]], shapes: dict) ->
     plan = _Plan(copied, parts, shapes)
     for name, old in swaps:
         stale = copied.get_submodule(name)
-        with library_errors("Opacus's DP layer swap"):
+        with library_errors("Opacus's DP layer swap", "opacus"):
             dp = _validators.ModuleValidator.FIXERS[type(old)](old)
             first = next(old.parameters())
             dp.to(device=first.device, dtype=first.dtype)
@@ -425,7 +425,7 @@ def _watch(hook_sets: list, plan: _Plan, batch_size: int, ghost: bool, working: 
         if not args:
             raise Unsupported(f"{label(name, module)} is called without positional inputs")
         # Opacus reads the batch size from the last positional input
-        check_batch_axis(name, module, args[-1], batch_size, int(id(module) in sequence_first))
+        watch.check_batch_axis(name, module, args[-1], int(id(module) in sequence_first))
         if id(module) in functorch:
             if len(args) != 1 or kwargs:
                 raise Unsupported(

@@ -18,16 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from impls.factors import costs
 from impls.factors.base import Dense, Factors
-from impls.factors.costs import (
-    COSTS,
-    MATERIALISE_ELEMENTS,
-    cat,
-    chunks,
-    gram,
-    part,
-    squared_row_norms,
-)
+from impls.factors.costs import COSTS, cat, chunks, gram, part, squared_row_norms
 
 
 @dataclass(eq=False)
@@ -211,7 +204,7 @@ def materialised_blocks(gradients: Tensor, activations: Tensor, examples: int):
     grads3 = gradients.reshape(n * groups, t, o)
     acts3 = activations.reshape(n * groups, t, i).transpose(1, 2)  # [n·G, i, t]
     # the same chunks for both sides of a pair: sized by the examples of both
-    step = max(1, min(i, MATERIALISE_ELEMENTS // max(1, examples * groups * o)))
+    step = max(1, min(i, costs.MATERIALISE_ELEMENTS // max(1, examples * groups * o)))
     reuse = not (
         torch.is_grad_enabled() and (gradients.requires_grad or activations.requires_grad)
     )

@@ -36,10 +36,12 @@ INNER: dict[tuple[type, type], Callable[[Factors, Factors, bool], Tensor | None]
     (Outer, Outer): outer_inner,
     (GradientSums, GradientSums): sums_inner,
     (Indexed, Indexed): indexed_inner,
-    (Indexed, Outer): lambda l, r, same: indexed_outer_inner(l, r) if pairs_with_outer(r) else None,
-    (Outer, Indexed): lambda l, r, same: indexed_outer_inner(r, l).T
-    if pairs_with_outer(l)
-    else None,
+    (Indexed, Outer): lambda left, right, same: (
+        indexed_outer_inner(left, right) if pairs_with_outer(right) else None
+    ),
+    (Outer, Indexed): lambda left, right, same: (
+        indexed_outer_inner(right, left).T if pairs_with_outer(left) else None
+    ),
 }
 
 #: (left kind, right kind) -> diagonal(left, right) -> Tensor[n] or None (materialise)
@@ -47,8 +49,12 @@ DIAGONAL: dict[tuple[type, type], Callable[[Factors, Factors], Tensor | None]] =
     (Outer, Outer): outer_diagonal,
     (GradientSums, GradientSums): sums_diagonal,
     (Indexed, Indexed): indexed_diagonal,
-    (Indexed, Outer): lambda l, r: indexed_outer_diagonal(l, r) if pairs_with_outer(r) else None,
-    (Outer, Indexed): lambda l, r: indexed_outer_diagonal(r, l) if pairs_with_outer(l) else None,
+    (Indexed, Outer): lambda left, right: (
+        indexed_outer_diagonal(left, right) if pairs_with_outer(right) else None
+    ),
+    (Outer, Indexed): lambda left, right: (
+        indexed_outer_diagonal(right, left) if pairs_with_outer(left) else None
+    ),
 }
 
 

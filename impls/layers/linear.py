@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from impls.factors import GradientSums, Outer
-from impls.layers.base import Binding, OpRule, Use, flatten_positions, register_rule
+from impls.layers.base import Binding, OpRule, flatten_positions, register_rule
 
 
 def linear_factors(a: Tensor, g: Tensor, wanted: dict, *, transposed=False, alpha=1.0, beta=1.0):

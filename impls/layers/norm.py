@@ -43,7 +43,7 @@ class TrailingNormRule(OpRule):
             )  # fmt: skip
         else:
             x, shape, weight, eps = _args(
-                args, kwargs, ("input", "normalized_shape", "weight", "eps"), (None, None, None, None)
+                args, kwargs, ("input", "normalized_shape", "weight", "eps"), (None,) * 4
             )
             bias = None
         if not isinstance(x, Tensor) or is_weight(x):

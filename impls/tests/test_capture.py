@@ -1,6 +1,6 @@
-"""LayerCapture's backward: output gradients delivered during the backward pass (``on_ready``,
-streamed) or after it, the same as when all are collected at the end; errors of a reduction
-surface unchanged either way.
+"""The capture's backward: output gradients delivered during the backward pass (streamed) or
+after it are the same; layers are handed over from the top; errors of a reduction surface
+unchanged either way.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from torch import nn
 import impls
 from correctness.cases import CASES
 from impls import Unsupported, _capture
-from impls.base import Side, trainable_parameters
-from impls.hooks import captured_forward, captured_forward_backward
+from impls._capture import captured_forward
+from impls.base import Implementation
 from impls.layers.linear import LinearRule
 
 DOUBLE = torch.float64
@@ -43,8 +43,28 @@ class Branchy(nn.Module):
 
 
 def _side(model, batch):
-    inputs, targets = batch
-    return Side(model, trainable_parameters(model), (inputs,), targets, inputs.shape[0])
+    return Implementation._side(model, batch)
+
+
+def _module(use) -> str:
+    """The module name in a use's description: "torch.linear in Linear 'shared'" -> shared."""
+    return use.where.rsplit("'", 2)[1]
+
+
+def _delivered(model, batch, stream, monkeypatch):
+    """(module name, output gradient, use) in the order the uses were handed over."""
+    seen = []
+    original = LinearRule.factors
+
+    def recording(self, use):
+        seen.append((_module(use), use.output_gradient().clone(), use))
+        return original(self, use)
+
+    monkeypatch.setattr(LinearRule, "factors", recording)
+    capture, loss = captured_forward(_side(model, batch), _ce, False)
+    capture.backward(loss, lambda contributions: None, stream=stream)
+    monkeypatch.setattr(LinearRule, "factors", original)
+    return seen
 
 
 def _problem():
@@ -54,35 +74,25 @@ def _problem():
     return model, batch
 
 
-@pytest.mark.parametrize("stream", [True, False], ids=["streamed", "after"])
-def test_on_ready_sees_the_gradients_collected_without_it(stream):
+def test_streamed_delivery_sees_the_gradients_delivered_after_the_backward(monkeypatch):
     model, batch = _problem()
-    collected = captured_forward_backward(_side(model, batch), _ce, False)
-    expected = [[g.clone() for g in call.grad_outputs] for call in collected.calls]
-
-    capture, loss = captured_forward(_side(model, batch), _ce, False)
-    seen = {}
-
-    def on_ready(call):
-        seen[id(call)] = [g.clone() for g in call.grad_outputs]
-
-    capture.backward(loss, on_ready, stream=stream)
-    assert len(seen) == len(capture.calls) == len(expected)
-    for call, want in zip(capture.calls, expected, strict=True):
-        got = seen[id(call)]
-        assert len(got) == len(want)
-        for g, w in zip(got, want, strict=True):
-            torch.testing.assert_close(g, w, rtol=0, atol=0)
-        assert call.output_tensors == [] and call.args == ()  # released once reduced
-    dead = [w for call, w in zip(capture.calls, expected, strict=True) if call.name == "dead"]
-    assert dead and not dead[0][0].any()  # no path to the loss: zeros
+    expected = _delivered(model, batch, False, monkeypatch)
+    seen = _delivered(model, batch, True, monkeypatch)
+    assert len(seen) == len(expected) == 6  # first, shared twice, dead, left, right
+    by_name = {}
+    for name, grad, _ in expected:
+        by_name.setdefault(name, []).append(grad)
+    for name, grad, use in seen:  # a layer called twice may come in either order
+        match = next(k for k, g in enumerate(by_name[name]) if torch.equal(g, grad))
+        by_name[name].pop(match)
+        assert use.output is None and use.binding.activations == ()  # released once reduced
+    dead = [g for name, g, _ in expected if name == "dead"]
+    assert dead and not dead[0].any()  # no path to the loss: zeros
 
 
-def test_layers_are_reduced_during_the_backward_from_the_top():
+def test_layers_are_reduced_during_the_backward_from_the_top(monkeypatch):
     model, batch = _problem()
-    capture, loss = captured_forward(_side(model, batch), _ce, False)
-    order = []
-    capture.backward(loss, lambda call: order.append(call.name), stream=True)
+    order = [name for name, _, _ in _delivered(model, batch, True, monkeypatch)]
     # the output layers before the layers below them; "first" is the lowest captured node
     assert order.index("left") < order.index("first")
     assert order.index("right") < order.index("first")
@@ -99,10 +109,10 @@ def test_an_error_of_a_reduction_is_raised_unchanged_and_the_model_is_left_clean
 
     original = LinearRule.factors
 
-    def refuse(self, call):
-        if call.name == "shared":
+    def refuse(self, use):
+        if _module(use) == "shared":
             raise Unsupported("refused inside the backward")
-        return original(self, call)
+        return original(self, use)
 
     monkeypatch.setattr(LinearRule, "factors", refuse)
     with pytest.raises(Unsupported, match="refused inside the backward"):

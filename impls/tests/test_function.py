@@ -20,9 +20,9 @@ import impls
 from correctness.cases import get_case
 from correctness.harness import perturbed
 from impls import Unsupported
-from impls.base import Side, split_batch, trainable_parameters
-from impls.function import ConvFunction, EmbeddingFunction, LinearFunction, recording
-from impls.layers import LayerCall, rule_for
+from impls.base import Implementation
+from impls.function import ConvFunction, EmbeddingFunction, FunctionCapture, LinearFunction
+from impls.layers.conv import explicit_padding
 
 FUNCTION = impls.get("function")
 NAIVE = impls.get("naive")
@@ -250,9 +250,13 @@ def test_conv_sweep(dims, kernel, stride, dilation, padding, mode, groups, bias)
 # -- the Functions against the modules -------------------------------------------------------
 
 
-def _call_for(module, batch_size):
-    wanted = {n: p for n, p in module.named_parameters()}
-    return LayerCall(module, "m", rule_for(module), (), {}, None, [], wanted, batch_size)
+def _padded_as_the_module_pads(conv, x):
+    """(input, padding left to the convolution): what nn.Conv hands F.conv, then 'same'."""
+    if conv.padding_mode != "zeros":
+        return F.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode), 0
+    if isinstance(conv.padding, str):
+        return explicit_padding(x, conv.padding, conv.kernel_size, conv.dilation), 0
+    return x, conv.padding
 
 
 @pytest.mark.parametrize("conv_type, options", CONV_CONFIGS, ids=CONV_IDS)
@@ -261,12 +265,8 @@ def test_conv_function_matches_the_module_and_skips_weight_gradients(conv_type, 
     conv = conv_type(4, 6, **options).double()
     x = _conv_batch(conv_type, 3, 0)[0].requires_grad_()
     want = conv(x)
-    call = _call_for(conv, 3)
-    padding, padded = conv.padding, x
-    if conv.padding_mode != "zeros" or isinstance(padding, str):
-        from impls.layers.conv import explicit_padding
-
-        padded, padding = explicit_padding(conv, x), 0
+    sink = []
+    padded, padding = _padded_as_the_module_pads(conv, x)
     got = ConvFunction.apply(
         padded,
         conv.weight,
@@ -275,7 +275,7 @@ def test_conv_function_matches_the_module_and_skips_weight_gradients(conv_type, 
         padding,
         conv.dilation,
         conv.groups,
-        call.grad_outputs,
+        sink,
     )
     torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
     g = torch.randn_like(want)
@@ -283,29 +283,29 @@ def test_conv_function_matches_the_module_and_skips_weight_gradients(conv_type, 
     grads = torch.autograd.grad(got, [x, *params], g, allow_unused=True)
     assert all(grad is None for grad in grads[1:])
     torch.testing.assert_close(grads[0], torch.autograd.grad(want, x, g)[0], rtol=0, atol=1e-12)
-    assert call.grad_outputs[0] is not None and torch.equal(call.grad_outputs[0], g)
+    assert sink[0] is not None and torch.equal(sink[0], g)
 
 
 def test_linear_and_embedding_functions_skip_weight_gradients():
     torch.manual_seed(0)
     linear = nn.Linear(4, 3).double()
     x = torch.randn(2, 5, 4, dtype=DOUBLE, requires_grad=True)
-    call = _call_for(linear, 2)
-    out = LinearFunction.apply(x, linear.weight, linear.bias, call.grad_outputs)
+    sink = []
+    out = LinearFunction.apply(x, linear.weight, linear.bias, sink)
     assert torch.equal(out, linear(x))
     g = torch.randn_like(out)
     gx, gw, gb = torch.autograd.grad(out, [x, linear.weight, linear.bias], g, allow_unused=True)
     assert gw is None and gb is None
     torch.testing.assert_close(gx, torch.autograd.grad(linear(x), x, g)[0])
-    assert torch.equal(call.grad_outputs[0], g)
+    assert torch.equal(sink[0], g)
 
     embed = nn.Embedding(7, 3, padding_idx=2).double()
     tokens = torch.tensor([[1, 2, 6], [2, 0, 0]])
-    call = _call_for(embed, 2)
-    out = EmbeddingFunction.apply(tokens, embed.weight, embed.padding_idx, call.grad_outputs)
+    sink = []
+    out = EmbeddingFunction.apply(tokens, embed.weight, embed.padding_idx, sink)
     assert torch.equal(out, embed(tokens))
     (gw,) = torch.autograd.grad(out.sum(), [embed.weight], allow_unused=True)
-    assert gw is None and call.grad_outputs[0].shape == out.shape
+    assert gw is None and sink[0].shape == out.shape
 
 
 # -- refusals --------------------------------------------------------------------------------
@@ -358,7 +358,6 @@ class Attention(nn.Module):
 def _refusal_cases():
     torch.manual_seed(0)
     feats = _classes(3, (4,))
-    seq = _classes(3, (5, 4))
     layer_norm = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 3))
     max_norm = nn.Sequential(nn.Embedding(9, 4, max_norm=1.0), nn.Flatten(), nn.Linear(8, 3))
     tokens = (torch.tensor([[1, 2], [3, 4], [5, 6]]), torch.tensor([0, 1, 2]))
@@ -393,15 +392,11 @@ def _refusal_cases():
         "unbatched_linear": (SharedBias(), _ce, _classes(3, (4,)), "Linear 'shared'"),
         "unbatched_conv": (UnbatchedConv(), _ce, _classes(3, (4,)), "Conv1d 'conv'"),
         "layer_norm": (layer_norm, _ce, feats, "LayerNorm '1'"),
-        "attention": (Attention(), _ce, seq, "attn.in_proj_weight"),
         "bare_parameter": (*_case_parts("bare_parameter"), "'scale'"),
-        "lstm": (*_case_parts("lstm"), "lstm.weight_ih_l0"),
-        "child_weight_in_parent": (UsesChildWeight(), _ce, feats, "'fc.weight'"),
         "parameter_in_loss": (model, loss_with_weight, feats, "'0.weight'"),
         "tied_to_uncovered": (TiedToUncovered(), _ce, feats, "Gain 'gain'"),
         "embedding_max_norm": (max_norm, _ce, tokens, "max_norm"),
         "subclass_forward": (*_case_parts("linear_subclass"), "LowRankLinear 'body'"),
-        "instance_forward": (patched, _ce, feats, "Linear '0' replaces"),
         "batchnorm_eval": (*_case_parts("batchnorm_eval"), "BatchNorm1d 'bn'"),
     }
 
@@ -429,6 +424,29 @@ def test_refuses_what_it_cannot_account_for(name):
         message = str(refusal.value)
         assert names_it in message and "\n" not in message, message
     assert _snapshot(model) == before
+
+
+def test_calls_are_covered_whichever_module_makes_them():
+    """A parent's F.linear with its child's weight, a module whose forward was replaced by the
+    instance: the calls are F.linear calls, accounted for wherever they are made."""
+    import types
+
+    torch.manual_seed(0)
+    patched = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 3)).double()
+    patched[0].forward = types.MethodType(lambda self, x: F.linear(x, self.weight) * 2, patched[0])
+    for model in (UsesChildWeight().double(), patched):
+        _assert_all_agree(model, _ce, _classes(4, (4,)), _classes(3, (4,), seed=1))
+
+
+def test_attention_and_recurrent_layers_run_as_their_projections():
+    """nn.MultiheadAttention and nn.LSTM are recomputed as F.linear calls (plus parameter-free
+    steps): their projections go through the Functions like any Linear."""
+    torch.manual_seed(0)
+    _assert_all_agree(Attention().double(), _ce, _classes(4, (5, 4)), _classes(3, (5, 4), seed=1))
+    case = get_case("lstm")
+    model = case.make_model().double()
+    batch, other = _double(case.make_batch(4)), _double(case.make_batch(3, seed=1))
+    _assert_all_agree(model, case.loss_fn, batch, other)
 
 
 def test_create_graph_is_refused():
@@ -495,10 +513,10 @@ def test_no_state_left_after_an_exception_mid_forward():
     with pytest.raises(Boom):
         FUNCTION.norms(model, _ce, batch)
     assert _snapshot(model) == before and _mode_stack_depth() == depth
-    # the recording context alone (without the interface's model guard) cleans up too
-    side = Side(model, trainable_parameters(model), *split_batch(batch))
-    with pytest.raises(Boom), recording(side, []):
-        model(*side.inputs)
+    # the capture alone (without the interface's model guard) cleans up too
+    side = Implementation._side(model, batch)
+    with pytest.raises(Boom), FunctionCapture(side):
+        side.call_model()
     assert _snapshot(model) == before and _mode_stack_depth() == depth
     assert all("forward" not in m.__dict__ for m in model.modules())
 
@@ -526,15 +544,15 @@ def test_no_state_left_after_loss_fn_raises_or_a_success():
 
 
 def test_recording_refusal_for_a_parameter_used_outside_leaves_nothing():
-    model = UsesChildWeight()
+    model = TiedToUncovered()
     batch = (torch.randn(3, 4), torch.tensor([0, 1, 2]))
-    side = Side(model, trainable_parameters(model), *split_batch(batch))
+    side = Implementation._side(model, batch)
     before = _snapshot(model)
-    calls = []
-    with pytest.raises(Unsupported, match="'fc.weight'"), recording(side, calls):
-        model(*side.inputs)
+    capture = FunctionCapture(side)
+    with pytest.raises(Unsupported, match="'fc.bias'"), capture:
+        side.call_model()
     assert _snapshot(model) == before
-    assert [c.name for c in calls] == ["fc", "head"]
+    assert [use.where for use in capture.uses] == ["torch.linear in Linear 'fc'"]
 
 
 def test_a_copy_as_the_other_checkpoint_gives_the_gram_matrix():

@@ -17,20 +17,21 @@ from torch import nn
 
 import impls
 from impls import Unsupported
-from impls.base import Side, trainable_parameters
-from impls.hooks import captured_forward_backward
-from impls.layers import base as layers_base
-from impls.layers import factored
-from impls.layers.factored import (
+from impls._capture import parameter_factors
+from impls.base import Implementation
+from impls.factors import (
     Dense,
+    GradientSums,
     Indexed,
     Outer,
-    RowSums,
     Sum,
     combine,
+    costs,
     diagonal,
     gram,
     inner,
+    layer_inner,
+    layer_squared_norms,
 )
 
 DOUBLE = torch.float64
@@ -40,9 +41,9 @@ FORCES = [None, "factored", "materialised"]
 @pytest.fixture(params=FORCES, ids=lambda f: f or "cost-model")
 def force(request, monkeypatch):
     """Each branch of the cost model, with intermediates chunked into small pieces."""
-    monkeypatch.setattr(factored.COSTS, "force", request.param)
-    monkeypatch.setattr(factored, "CHUNK_ELEMENTS", 64)
-    monkeypatch.setattr(factored, "MATERIALISE_ELEMENTS", 40)
+    monkeypatch.setattr(costs.COSTS, "force", request.param)
+    monkeypatch.setattr(costs, "CHUNK_ELEMENTS", 64)
+    monkeypatch.setattr(costs, "MATERIALISE_ELEMENTS", 40)
     return request.param
 
 
@@ -85,25 +86,34 @@ def test_outer_pairs(force, groups, t, s):
 
 
 @pytest.mark.parametrize("t, s", [(1, 1), (3, 2)])
-def test_bias_row_sums(force, t, s):
-    """The bias reuses the products of output gradients its weight's reductions formed."""
+def test_bias_gradient_sums(force, t, s):
+    """The bias, alone and reduced together with its weight (reusing the products of output
+    gradients the weight's factored form formed)."""
     left = Outer(_randn(4, 2, t, 3, seed=0), _randn(4, 2, t, 5, seed=1), (6, 5))
     right = Outer(_randn(3, 2, s, 3, seed=2), _randn(3, 2, s, 5, seed=3), (6, 5))
-    bias_l, bias_r = RowSums(left, (6,)), RowSums(right, (6,))
-    _close(bias_l.materialize(), left.rows.sum(2).reshape(4, 6))
-    _check_pair(bias_l, bias_r, diagonal_too=False)  # before the weights: no products to reuse
-    left.squared_norms(), inner(left, right), inner(left, left, same=True)
-    _check_pair(bias_l, bias_r, diagonal_too=False)  # after: reused where they were formed
-    merged = combine([bias_l, RowSums(Outer(left.rows, left.cols, (6, 5)), (6,))])
+    bias_l, bias_r = GradientSums(left, (6,)), GradientSums(right, (6,))
+    _close(bias_l.materialize(), left.gradients.sum(2).reshape(4, 6))
+    _check_pair(bias_l, bias_r, diagonal_too=False)
+    weight_norms, bias_norms = layer_squared_norms(left, bias_l)
+    _close(weight_norms, left.squared_norms())
+    _close(bias_norms, bias_l.squared_norms())
+    for (a, b), (c, d), same in (((left, right), (bias_l, bias_r), False),
+                                 ((left, left), (bias_l, bias_l), True)):  # fmt: skip
+        weight_inner, bias_inner = layer_inner((a, b), (c, d), same)
+        _close(weight_inner, _reference_inner(a, b))
+        _close(bias_inner, _reference_inner(c, d))
+    merged = combine([bias_l, GradientSums(Outer(left.gradients, left.activations, (6, 5)), (6,))])
     _close(merged.materialize(), 2 * bias_l.materialize())
 
 
 def test_outer_materialize_matches_per_example_sum():
-    rows, cols = _randn(2, 2, 3, 4, seed=0), _randn(2, 2, 3, 5, seed=1)
-    got = Outer(rows, cols, (8, 5)).materialize()
-    want = torch.einsum("ngto,ngti->ngoi", rows, cols).reshape(2, 8, 5)
+    grads, acts = _randn(2, 2, 3, 4, seed=0), _randn(2, 2, 3, 5, seed=1)
+    got = Outer(grads, acts, (8, 5)).materialize()
+    want = torch.einsum("ngto,ngti->ngoi", grads, acts).reshape(2, 8, 5)
     _close(got, want)
-    padded = Outer(rows[:, :1], cols[:, :1], (9, 5), row_start=3).materialize()
+    transposed = Outer(grads[:, :1], acts[:, :1], (5, 4), transposed=True).materialize()
+    _close(transposed, want[:, :4].transpose(1, 2))
+    padded = Outer(grads[:, :1], acts[:, :1], (9, 5), row_start=3).materialize()
     _close(padded[:, 3:7], want[:, :4])
     assert padded[:, :3].abs().sum() == 0 and padded[:, 7:].abs().sum() == 0
 
@@ -250,10 +260,10 @@ def _agree(name, model, batch, other, reference="naive"):
 
 
 def _attention_factors(model, batch):
-    side = Side(model, trainable_parameters(model), (batch[0],), batch[1], batch[0].shape[0])
-    capture = captured_forward_backward(side, _ce, False)
-    (call,) = [c for c in capture.calls if isinstance(c.module, nn.MultiheadAttention)][:1]
-    return call, call.rule.factors(call)
+    """The attention's parameters' factors, by local name."""
+    factors = {}
+    parameter_factors(Implementation._side(model, batch), _ce, False, factors.update)
+    return {n.removeprefix("attn."): f for n, f in factors.items() if n.startswith("attn.")}
 
 
 @pytest.mark.parametrize("name", sorted(ATTENTION_MODELS))
@@ -261,12 +271,12 @@ def test_attention_projections_agree_with_naive(force, name):
     model, batch, other = _attention_problem(name)
     _agree("ghost", model, batch, other)
     _agree("hooks", model, batch, other)
-    call, factors = _attention_factors(model, batch)
-    assert call.uses, "the projections were not recorded"
+    factors = _attention_factors(model, batch)
+    assert factors, "the projections were not recorded"
     for local in ("in_proj_weight", "q_proj_weight", "out_proj.weight"):
         if local in factors:
             assert isinstance(factors[local], (Outer, Sum)), local
-    if "bias_k" in factors:  # not a projection: per-example gradients by the vmap fallback
+    if "bias_k" in factors:  # not a projection: from where it meets the batch (a cat)
         assert isinstance(factors["bias_k"], Dense)
 
 
@@ -301,7 +311,7 @@ def test_transformer_layers_agree_with_naive(train):
 def test_attention_with_frozen_projection():
     model, batch, other = _attention_problem("key_is_value", frozen={"attn.in_proj_weight"})
     _agree("ghost", model, batch, other)
-    _, factors = _attention_factors(model, batch)
+    factors = _attention_factors(model, batch)
     assert "in_proj_weight" not in factors and isinstance(factors["out_proj.weight"], Outer)
 
 
@@ -319,7 +329,7 @@ def test_attention_recording_leaves_nothing_behind():
     linear, forward = F.linear, F.multi_head_attention_forward
     impls.get("ghost").norms(model, _ce, batch)
     assert F.linear is linear and F.multi_head_attention_forward is forward
-    assert getattr(layers_base._RECORDING, "uses", None) is None
+    assert torch._C._len_torch_function_stack() == 0  # no mode left on this thread
     # another thread running the module meanwhile records nothing and computes the same
     results = {}
 
@@ -401,10 +411,10 @@ def _recurrent_problem(name):
 
 
 def _recurrent_factors(model, batch):
-    side = Side(model, trainable_parameters(model), (batch[0],), batch[1], batch[0].shape[0])
-    capture = captured_forward_backward(side, _ce, False)
-    (call,) = [c for c in capture.calls if isinstance(c.module, nn.RNNBase)]
-    return call, call.rule.factors(call)
+    """The recurrent layer's parameters' factors, by local name."""
+    factors = {}
+    parameter_factors(Implementation._side(model, batch), _ce, False, factors.update)
+    return {n.removeprefix("rnn."): f for n, f in factors.items() if n.startswith("rnn.")}
 
 
 @pytest.mark.parametrize("name", sorted(RECURRENT))
@@ -412,10 +422,10 @@ def test_recurrent_projections_agree_with_naive(force, name):
     model, batch, other = _recurrent_problem(name)
     _agree("ghost", model, batch, other)
     _agree("hooks", model, batch, other)
-    call, factors = _recurrent_factors(model, batch)
-    assert call.uses and isinstance(factors["weight_hh_l0"], Outer)
-    if "bias_hh_l0" in factors:
-        assert isinstance(factors["bias_hh_l0"], RowSums)
+    factors = _recurrent_factors(model, batch)
+    assert isinstance(factors["weight_hh_l0"], Outer)  # every step's use, merged
+    if "bias_hh_l0" in factors:  # each step's gradient sums, added
+        assert isinstance(factors["bias_hh_l0"], (GradientSums, Dense))
 
 
 def test_lstm_projection_is_recorded(force):
@@ -424,7 +434,7 @@ def test_lstm_projection_is_recorded(force):
     model.head = nn.Linear(2, 2).double()
     _, batch, other = _recurrent_problem("lstm")
     _agree("ghost", model, batch, other)
-    _, factors = _recurrent_factors(model, batch)
+    factors = _recurrent_factors(model, batch)
     assert isinstance(factors["weight_hr_l1"], Outer)
 
 
@@ -524,7 +534,7 @@ def _gradcheck(model, compute):
 )
 @pytest.mark.parametrize("forced", ["factored", "materialised"])
 def test_gradcheck(monkeypatch, problem, forced):
-    monkeypatch.setattr(factored.COSTS, "force", forced)
+    monkeypatch.setattr(costs.COSTS, "force", forced)
     model, batch, other = problem()
     ghost = impls.get("ghost")
     _gradcheck(model, lambda: ghost.norms(model, _ce, batch, create_graph=True))
@@ -545,7 +555,7 @@ def test_create_graph_result_has_a_graph_and_the_model_is_untouched():
 # -- refusals ------------------------------------------------------------------------------------
 
 
-def test_refuses_batchnorm_in_train_mode_and_unseen_parameters():
+def test_refuses_batchnorm_in_train_mode_and_accounts_for_a_parent_reading_a_weight():
     ghost = impls.get("ghost")
     model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
     batch = (torch.randn(4, 3), torch.tensor([0, 1, 0, 1]))
@@ -560,5 +570,9 @@ def test_refuses_batchnorm_in_train_mode_and_unseen_parameters():
         def forward(self, x):
             return F.linear(x, self.fc.weight) + self.fc(x)
 
-    with pytest.raises(Unsupported, match="fc.weight"):
-        ghost.inner(Outside(), _ce, batch)
+    # the parent's F.linear with its child's weight is a use like the child's own: both count
+    model = Outside().double()
+    batch = (batch[0].double(), batch[1])
+    other = (torch.randn(2, 3, dtype=DOUBLE), torch.tensor([1, 0]))
+    _agree("ghost", model, batch, other)
+    _agree("hooks", model, batch, other)

@@ -97,7 +97,7 @@ FOLLOWED = {
     "group_norm": (lambda x, b: F.group_norm(x, 2), (B, 4, 6), Layout(0)),
     "pad": (lambda x, b: F.pad(x, (1, 2)), (B, 4, 5), Layout(0)),
     "cross_entropy": (
-        lambda x, b: F.cross_entropy(x, torch.zeros(x.shape[0], dtype=torch.long), reduction="none"),
+        lambda x, b: F.cross_entropy(x, x.new_zeros(x.shape[0]).long(), reduction="none"),
         (B, 5),
         Layout(0),
     ),

@@ -8,7 +8,7 @@ random state.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from correctness import losses, models
+from correctness import hf_models, losses, models
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,8 @@ class Case:
 def _to(x, device, dtype):
     if isinstance(x, torch.Tensor):
         return x.to(device=device, dtype=dtype if x.is_floating_point() else x.dtype)
+    if isinstance(x, Mapping):
+        return type(x)({k: _to(v, device, dtype) for k, v in x.items()})
     if isinstance(x, (tuple, list)):
         return type(x)(_to(t, device, dtype) for t in x)
     return x
@@ -237,6 +239,22 @@ CASES: list[Case] = [
         CE,
         tags=("embedding", "trap"),
     ),
+    # a learned table indexed by torch.arange(T) in a module no rule knows (its output is shared
+    # by all examples), at T equal to the batch size (5) and at another length
+    Case(
+        "learned_positions",
+        partial(models.LearnedPositions, length=5),
+        partial(tokens_and_classes, length=5, vocab=30, classes=3),
+        CE,
+        tags=("shared",),
+    ),
+    Case(
+        "learned_positions_t7",
+        partial(models.LearnedPositions, length=7),
+        partial(tokens_and_classes, length=7, vocab=30, classes=3),
+        CE,
+        tags=("shared",),
+    ),
     Case(
         "batchnorm_eval",
         models.BatchNormMLP,
@@ -263,6 +281,30 @@ CASES: list[Case] = [
         tags=("norm",),
     ),
 ]
+
+#: real models (Hugging Face transformers, tiny configurations built locally), called with a
+#: mapping of inputs (``model(**batch)``); in the zoo when transformers is installed
+HF_CASES: list[Case] = [
+    Case("hf_gpt2", hf_models.gpt2_lm, hf_models.tokens, losses.next_token_cross_entropy,
+         tags=("hf", "shared", "tied")),
+    Case("hf_gpt2_padded", hf_models.gpt2_lm, hf_models.padded_tokens,
+         losses.next_token_cross_entropy, tags=("hf", "shared", "tied", "padded")),
+    Case("hf_bert", hf_models.bert_classifier, hf_models.tokens_and_classes,
+         losses.logits_cross_entropy, tags=("hf", "shared")),
+    Case("hf_bert_mlm_padded", hf_models.bert_masked_lm, hf_models.masked_lm_batch,
+         losses.masked_token_cross_entropy, tags=("hf", "shared", "tied", "padded")),
+    Case("hf_t5_encoder", hf_models.T5EncoderClassifier, hf_models.tokens_and_classes,
+         losses.logits_cross_entropy, tags=("hf", "shared", "tied")),
+    Case("hf_t5_encoder_padded", hf_models.T5EncoderClassifier,
+         hf_models.padded_tokens_and_classes, losses.logits_cross_entropy,
+         tags=("hf", "shared", "tied", "padded")),
+    Case("hf_vit", hf_models.vit_classifier, hf_models.images_and_classes,
+         losses.logits_cross_entropy, tags=("hf", "shared")),
+    Case("hf_llama", hf_models.llama_lm, hf_models.tokens, losses.next_token_cross_entropy,
+         tags=("hf",)),
+]  # fmt: skip
+if hf_models.available():
+    CASES += HF_CASES
 
 BY_NAME = {case.name: case for case in CASES}
 assert len(BY_NAME) == len(CASES), "case names must be unique"

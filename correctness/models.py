@@ -267,3 +267,29 @@ class SharedPositionIds(nn.Module):
     def forward(self, tokens):
         h = self.embed(tokens) + self.position(torch.arange(tokens.shape[1]))
         return self.head(torch.tanh(h).mean(1))
+
+
+class PositionTable(nn.Module):
+    """A learned position table read by indexing (no layer rule knows this module)."""
+
+    def __init__(self, length=5, dim=8):
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(length, dim) / dim**0.5)
+
+    def forward(self, positions):
+        return self.table[positions]
+
+
+class LearnedPositions(nn.Module):
+    """Token embeddings plus a learned table indexed by ``torch.arange(T)``: the table's output
+    is shared by all examples and broadcast over the batch."""
+
+    def __init__(self, vocab=30, length=5, dim=8, classes=3):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.positions = PositionTable(length, dim)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, tokens):
+        h = self.embed(tokens) + self.positions(torch.arange(tokens.shape[1]))
+        return self.head(torch.tanh(h).mean(1))

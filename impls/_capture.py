@@ -45,6 +45,7 @@ from impls._layouts import (
     Call,
     Layout,
     Lost,
+    _Unfollowable,
     broadcast_dim,
     canonical,
     einsum_letters,
@@ -282,20 +283,24 @@ class Capture:
         return self._unknown(func, weights, where)
 
     def _result_layout(self, func, args, kwargs) -> tuple[int, Layout, int]:
-        """(the result's batch dimension, its layout, the result's number of dimensions)."""
-        if name_of(func) in ("matmul", "__matmul__", "__rmatmul__", "bmm"):
-            shapes = [x.shape for x in tensor_arguments(args, kwargs)]
-            out_ndim = max(len(s) for s in shapes)
+        """(the result's batch dimension, its layout, the result's number of dimensions) for a
+        call whose arguments broadcast against each other aligned on their last dimensions."""
+        name = name_of(func)
+        tensors = tensor_arguments(args, kwargs)
+        if name == "scaled_dot_product_attention":  # the mask broadcasts against the scores
+            out_ndim = (args[0] if args else kwargs["query"]).dim()
+        elif name in ("matmul", "__matmul__", "__rmatmul__", "bmm"):
+            out_ndim = max(x.dim() for x in tensors)
         else:
-            shapes = [x.shape for x in tensor_arguments(args, kwargs)]
-            out_ndim = len(torch.broadcast_shapes(*shapes)) if shapes else 0
-        probe = Call(name_of(func), func, args, kwargs, None, self.watch.tag_of, self.batch_size)
-        from impls._layouts import _Unfollowable
-
+            try:
+                out_ndim = len(torch.broadcast_shapes(*(x.shape for x in tensors)))
+            except RuntimeError as error:
+                raise Unsupported(f"torch.{name}: {error}") from None
+        probe = Call(name, func, args, kwargs, None, self.watch.tag_of, self.batch_size)
         try:
             dim, layout = broadcast_dim(probe, out_ndim)
         except _Unfollowable as error:
-            raise Unsupported(f"torch.{name_of(func)} {error}") from None
+            raise Unsupported(f"torch.{name} {error}") from None
         return dim, layout, out_ndim
 
     def _meet_elementwise(self, func, args, kwargs, where, leading=False, matmul=False):
@@ -303,8 +308,6 @@ class Capture:
         if name.endswith("_") and args and self.is_weight(args[0]):
             raise Unsupported(f"{where} writes the batch into a tensor shared by all examples")
         candidates = tensor_arguments(args, kwargs)
-        if leading:  # attention and matmul broadcast the leading dimensions only
-            candidates = [x for x in candidates]
         dim, layout, out_ndim = self._result_layout(func, args, kwargs)
         if matmul:
             for x in tensor_arguments(args, kwargs):
@@ -384,8 +387,6 @@ class Capture:
 
     def _meet_einsum(self, func, args, kwargs, where):
         probe = Call("einsum", func, args, kwargs, None, self.watch.tag_of, self.batch_size)
-        from impls._layouts import _Unfollowable
-
         try:
             subscripts, output, letter = einsum_letters(probe)
         except _Unfollowable as error:

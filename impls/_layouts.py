@@ -680,12 +680,10 @@ _register(_cat, "cat", "concat", "concatenate", "stack")
 
 def _getitem(call: Call):
     x, index = call.args[0], call.args[1]
-    layout = _only_layout(call, x)
-    if isinstance(index, Tensor) and call.tag_of(index) is not None:
-        raise _Unfollowable("indexes with a tensor computed from the batch")
     items = list(index) if isinstance(index, tuple) else [index]
-    if any(isinstance(i, Tensor) or isinstance(i, (list,)) for i in items):
-        return _advanced_index(call, x, items, layout)
+    if any(isinstance(i, (Tensor, list)) for i in items):
+        return _advanced_index(call, x, items)
+    layout = _only_layout(call, x)
     # basic indexing: walk the dimensions of x
     expanded: list[Any] = []
     consumed = sum(1 for i in items if i is not None and i is not Ellipsis)
@@ -718,33 +716,76 @@ def _full(item: slice, size: int) -> bool:
     return start == 0 and stop == size and step == 1
 
 
-def _advanced_index(call: Call, x: Tensor, items: list, layout: Layout):
-    """Tensor indices that do not touch the batch dimension: the batch dimension keeps its place
-    (indexed dimensions adjacent) or moves after the broadcast index dimensions (not adjacent)."""
-    if any(i is Ellipsis or i is None for i in items):
-        raise _Unfollowable("mixes tensor indices with None or Ellipsis")
+def _advanced_index(call: Call, x: Tensor, items: list):
+    """Integer tensor indices (numpy's advanced indexing). The result holds the broadcast index
+    dimensions where the indexed dimensions were (adjacent) or first (not adjacent). Examples can
+    reach the result three ways, which must agree: from x's batch dimension when it is not
+    indexed; from x's batch dimension indexed by exactly 0, 1, ..., size-1 along one broadcast
+    dimension (read from the index's values: ``mask[torch.arange(B)[:, None], kv]``); from an
+    index tensor that itself carries the batch.
+    """
+    if any(i is Ellipsis or i is None or isinstance(i, (int, bool)) for i in items):
+        raise _Unfollowable("mixes tensor indices with integers, None or Ellipsis")
     advanced = [k for k, i in enumerate(items) if isinstance(i, (Tensor, list))]
-    for k in advanced:
-        value = items[k]
-        if isinstance(value, Tensor) and call.tag_of(value) is not None:
-            raise _Unfollowable("indexes with a tensor computed from the batch")
-    if layout.dim < len(items) and layout.dim in advanced:
-        raise _Unfollowable("indexes the batch dimension with a tensor")
-    if layout.dim < len(items):
-        item = items[layout.dim]
-        if not (isinstance(item, slice) and _full(item, x.shape[layout.dim])):
-            raise _Unfollowable("selects some examples of the batch")
-    if any(isinstance(i, int) for i in items):
-        raise _Unfollowable("mixes tensor and integer indices")
-    shapes = [torch.as_tensor(items[k]).shape for k in advanced]
-    broadcast = torch.broadcast_shapes(*shapes)
+    tensors = {k: torch.as_tensor(items[k]) for k in advanced}
+    if any(t.dtype == torch.bool or t.is_floating_point() for t in tensors.values()):
+        raise _Unfollowable("indexes with a mask (a shape that depends on the values)")
+    shape = torch.broadcast_shapes(*(t.shape for t in tensors.values()))
     adjacent = advanced == list(range(advanced[0], advanced[-1] + 1))
-    if adjacent:
-        if layout.dim < advanced[0]:
-            return layout
-        return layout.moved(layout.dim - len(advanced) + len(broadcast))
-    before = sum(1 for k in range(layout.dim) if k not in advanced)
-    return layout.moved(len(broadcast) + before)
+    start = advanced[0] if adjacent else 0
+
+    def position(d: int) -> int:
+        """Where x's non-indexed dimension d lands in the result."""
+        if adjacent:
+            return d if d < advanced[0] else d - len(advanced) + len(shape)
+        return len(shape) + sum(1 for k in range(d) if k not in advanced)
+
+    found: Layout | None = None
+
+    def keep(layout: Layout):
+        nonlocal found
+        if found is not None and layout != found:
+            raise _Unfollowable("indexes so that the examples would land in two dimensions")
+        found = layout
+
+    tag_x = call.tag_of(x)
+    if isinstance(tag_x, Layout):
+        d = tag_x.dim
+        if d in advanced:
+            index = tensors[d]
+            if call.tag_of(items[d]) is not None:
+                raise _Unfollowable("indexes the batch dimension with a tensor from the batch")
+            k = _identity_dimension(index, shape, x.shape[d])
+            if k is None:
+                raise _Unfollowable("indexes the batch dimension with a tensor")
+            keep(tag_x.moved(start + k))
+        else:
+            if d < len(items):
+                item = items[d]
+                if not (isinstance(item, slice) and _full(item, x.shape[d])):
+                    raise _Unfollowable("selects some examples of the batch")
+            keep(tag_x.moved(position(d)))
+    for k in advanced:
+        tag = call.tag_of(items[k])
+        if isinstance(tag, Layout):
+            keep(tag.moved(start + tag.dim + len(shape) - tensors[k].dim()))
+    if found is None:
+        raise _Unfollowable("has no argument that carries the batch")
+    return found
+
+
+def _identity_dimension(index: Tensor, shape, size: int) -> int | None:
+    """The broadcast dimension along which ``index`` is exactly 0, 1, ..., size-1 (and constant
+    along every other), or None."""
+    expanded = index.reshape((1,) * (len(shape) - index.dim()) + tuple(index.shape)).expand(shape)
+    for k, n in enumerate(shape):
+        if n != size:
+            continue
+        steps = torch.arange(size, device=index.device, dtype=index.dtype)
+        reference = steps.reshape([-1 if j == k else 1 for j in range(len(shape))]).expand(shape)
+        if torch.equal(expanded, reference):
+            return k
+    return None
 
 
 _register(_getitem, "__getitem__")

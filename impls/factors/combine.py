@@ -45,11 +45,16 @@ def _join(a: Factors, b: Factors) -> Factors | None:
     if isinstance(a, (Dense, GradientSums)) and isinstance(b, (Dense, GradientSums)):
         return Dense(a.materialize() + b.materialize())
     if isinstance(a, Indexed) and isinstance(b, Indexed) and a.num_rows == b.num_rows:
+        keep = None
+        if a.keep is not None or b.keep is not None:
+            keep = torch.cat([_kept(a), _kept(b)], 1)
         return Indexed(
-            torch.cat([a.example, b.example]),
-            torch.cat([a.row, b.row]),
-            torch.cat([a.values, b.values]),
-            a.batch_size,
-            a.num_rows,
+            torch.cat([a.rows, b.rows], 1), torch.cat([a.values, b.values], 1), a.num_rows, keep
         )
     return None
+
+
+def _kept(f: Indexed) -> torch.Tensor:
+    if f.keep is not None:
+        return f.keep
+    return torch.ones(f.rows.shape, dtype=torch.bool, device=f.rows.device)

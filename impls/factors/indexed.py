@@ -15,56 +15,93 @@ import torch
 from torch import Tensor
 
 from impls.factors.base import Factors
-from impls.factors.costs import COSTS, chunks, gram, squared_row_norms
+from impls.factors.costs import COSTS, cat, chunks, gram, squared_row_norms
 from impls.factors.outer import Outer
 
 
 @dataclass(eq=False)
 class Indexed(Factors):
-    """Σ_p e_{row_p} values_pᵀ over the entries p with ``example_p = n``.
+    """Σ_t e_{rows_nt} values_ntᵀ over the positions t of example n that are kept.
 
-    example [P] and row [P] (long), values [P, d]; the parameter is [num_rows, d].
+    rows [n, t] (long), values [n, t, d], keep [n, t] (bool, None: every position); the
+    parameter is [num_rows, d]. :attr:`example`, :attr:`row` and :attr:`entries` give the same
+    sum as a flat list of the kept entries.
     """
 
-    example: Tensor
-    row: Tensor
+    rows: Tensor
     values: Tensor
-    batch_size: int
     num_rows: int
+    keep: Tensor | None = None
+    _entries: tuple | None = field(default=None, repr=False)
     _aggregated: tuple | None = field(default=None, repr=False)
+
+    @property
+    def batch_size(self) -> int:
+        return self.rows.shape[0]
 
     @property
     def shape(self) -> torch.Size:
         return torch.Size((self.num_rows, self.values.shape[-1]))
 
+    def entries(self) -> tuple[Tensor, Tensor, Tensor]:
+        """(example [P], row [P], values [P, d]) of the kept positions."""
+        if self._entries is None:
+            n, t = self.rows.shape
+            example = torch.arange(n, device=self.rows.device).repeat_interleave(t)
+            row, values = self.rows.reshape(-1), self.values.reshape(n * t, -1)
+            if self.keep is not None:
+                kept = self.keep.reshape(-1)
+                example, row, values = example[kept], row[kept], values[kept]
+            self._entries = (example, row, values)
+        return self._entries
+
+    @property
+    def example(self) -> Tensor:
+        return self.entries()[0]
+
+    @property
+    def row(self) -> Tensor:
+        return self.entries()[1]
+
     @property
     def keys(self) -> Tensor:
-        return self.example * self.num_rows + self.row
+        example, row, _ = self.entries()
+        return example * self.num_rows + row
+
+    def kept_values(self) -> Tensor:
+        """values [n, t, d] with the dropped positions zeroed."""
+        if self.keep is None:
+            return self.values
+        return self.values * self.keep.unsqueeze(-1).to(self.values.dtype)
 
     def placed(self, shape, row_start):
         if len(shape) != 2 or shape[1] != self.values.shape[-1]:
             return super().placed(shape, row_start)
-        return Indexed(self.example, self.row + row_start, self.values, self.batch_size, shape[0])
+        return Indexed(self.rows + row_start, self.values, shape[0], self.keep)
 
     def materialize(self) -> Tensor:
         n, v, d = self.batch_size, self.num_rows, self.values.shape[-1]
-        flat = self.values.new_zeros(n * v, d).index_add(0, self.keys, self.values)
+        _, _, values = self.entries()
+        flat = values.new_zeros(n * v, d).index_add(0, self.keys, values)
         return flat.reshape(n, v, d)
 
     def aggregated(self) -> tuple[Tensor, Tensor, Tensor]:
         """(example [K], row [K], values [K, d]): entries with equal (example, row) summed."""
         if self._aggregated is None:
+            _, _, entry_values = self.entries()
             unique, inverse = torch.unique(self.keys, return_inverse=True)
-            values = self.values.new_zeros(unique.shape[0], self.values.shape[-1])
-            values = values.index_add(0, inverse, self.values)
+            values = entry_values.new_zeros(unique.shape[0], entry_values.shape[-1])
+            values = values.index_add(0, inverse, entry_values)
             self._aggregated = (unique // self.num_rows, unique % self.num_rows, values)
         return self._aggregated
 
     def squared_norms(self) -> Tensor:
-        n, entries, d = self.batch_size, self.values.shape[0], self.values.shape[-1]
+        n, d = self.batch_size, self.values.shape[-1]
+        entries = self.rows.numel()
         # a dense [n·V, d] buffer, or sorting the P entries' keys (counted as 4·P·d)
         if not COSTS.factored_is_cheaper(4 * entries, n * self.num_rows):
-            flat = self.values.new_zeros(n * self.num_rows, d).index_add(0, self.keys, self.values)
+            _, _, values = self.entries()
+            flat = values.new_zeros(n * self.num_rows, d).index_add(0, self.keys, values)
             return squared_row_norms(flat).reshape(n, self.num_rows).sum(1)
         example, _, values = self.aggregated()
         return values.new_zeros(n).index_add(0, example, squared_row_norms(values))
@@ -72,13 +109,14 @@ class Indexed(Factors):
 
 def indexed_diagonal(left: Indexed, right: Indexed) -> Tensor:
     keys_l, keys_r = left.keys, right.keys
+    values_l, values_r = left.entries()[2], right.entries()[2]
     unique, inverse = torch.unique(torch.cat([keys_l, keys_r]), return_inverse=True)
-    d = left.values.shape[-1]
-    sums_l = left.values.new_zeros(unique.shape[0], d).index_add(
-        0, inverse[: keys_l.shape[0]], left.values
+    d = values_l.shape[-1]
+    sums_l = values_l.new_zeros(unique.shape[0], d).index_add(
+        0, inverse[: keys_l.shape[0]], values_l
     )
-    sums_r = left.values.new_zeros(unique.shape[0], d).index_add(
-        0, inverse[keys_l.shape[0] :], right.values
+    sums_r = values_l.new_zeros(unique.shape[0], d).index_add(
+        0, inverse[keys_l.shape[0] :], values_r
     )
     products = (sums_l * sums_r).sum(1)
     return products.new_zeros(left.batch_size).index_add(0, unique // left.num_rows, products)
@@ -158,27 +196,30 @@ def pairs_with_outer(outer: Outer) -> bool:
 
 
 def indexed_outer_diagonal(left: Indexed, right: Outer) -> Tensor:
-    """Σ_p Σ_s g_{n,s}[row_p] (values_p·a_{n,s}) over the entries p of example n."""
+    """Σ_t Σ_s g_{n,s}[rows_nt] (values_nt·a_{n,s}) per example: [n, t, s] products of values
+    and activations, weighted by the decoder's output gradient at each position's row."""
     grads, acts = right.gradients[:, 0], right.activations[:, 0]  # [n, s, V], [n, s, d]
-    out = left.values.new_zeros(left.batch_size)
-    entries, s, d = left.values.shape[0], acts.shape[1], acts.shape[2]
-    for a, b in chunks(entries, s * d):
-        ex, row = left.example[a:b], left.row[a:b]
-        dots = (acts[ex] @ left.values[a:b].unsqueeze(-1)).squeeze(-1)  # [p, s]
-        weights = grads[ex, :, row]  # [p, s]: g_{n,s}[row_p]
-        out = out.index_add(0, ex, (dots * weights).sum(1))
-    return out
+    n, t = left.rows.shape
+    s = acts.shape[1]
+    values, rows = left.kept_values(), left.rows
+    out = []
+    for a, b in chunks(n, t * s):
+        dots = values[a:b] @ acts[a:b].transpose(1, 2)  # [n, t, s]
+        weights = grads[a:b].gather(2, rows[a:b].unsqueeze(1).expand(b - a, s, t))  # [n, s, t]
+        out.append((dots * weights.transpose(1, 2)).sum((1, 2)))
+    return cat(out)
 
 
 def indexed_outer_inner(left: Indexed, right: Outer) -> Tensor:
-    """Σ_p Σ_s g'_{m,s}[row_p] (values_p·a'_{m,s}) as [n, m]."""
+    """Σ_t Σ_s g'_{m,s}[rows_nt] (values_nt·a'_{m,s}) as [n, m]."""
     grads, acts = right.gradients[:, 0], right.activations[:, 0]  # [m, s, V], [m, s, d]
     m, s = acts.shape[0], acts.shape[1]
     flat_acts = acts.reshape(m * s, -1)
     flat_grads = grads.reshape(m * s, -1)
-    out = left.values.new_zeros(left.batch_size, m)
-    for a, b in chunks(left.values.shape[0], m * s):
-        dots = left.values[a:b] @ flat_acts.T  # [p, m·s]
-        weights = flat_grads[:, left.row[a:b]].T  # [p, m·s]
-        out = out.index_add(0, left.example[a:b], (dots * weights).reshape(b - a, m, s).sum(2))
+    example, row, values = left.entries()
+    out = values.new_zeros(left.batch_size, m)
+    for a, b in chunks(values.shape[0], m * s):
+        dots = values[a:b] @ flat_acts.T  # [p, m·s]
+        weights = flat_grads[:, row[a:b]].T  # [p, m·s]
+        out = out.index_add(0, example[a:b], (dots * weights).reshape(b - a, m, s).sum(2))
     return out

@@ -54,13 +54,9 @@ class EmbeddingRule(OpRule):
         weight = use.wanted["weight"]
         index = use.activation().reshape(n, -1)  # [n, t]
         g = use.output_gradient().reshape(n, index.shape[1], -1)  # [n, t, D]
-        example = torch.arange(n, device=index.device).repeat_interleave(index.shape[1])
-        row, values = index.reshape(-1), g.reshape(-1, g.shape[-1])
         padding_idx = use.config["padding_idx"]
-        if padding_idx is not None:
-            keep = row != padding_idx
-            example, row, values = example[keep], row[keep], values[keep]
-        return {"weight": Indexed(example, row, values, n, weight.shape[0])}
+        keep = None if padding_idx is None else index != padding_idx
+        return {"weight": Indexed(index, g, weight.shape[0], keep)}
 
 
 register_rule(EmbeddingRule())

@@ -135,12 +135,9 @@ def _indexed(n, t, vocab, d, seed, padding=None):
     gen = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, vocab, (n, t), generator=gen)
     tokens[0, -1] = tokens[0, 0]  # a repeated token within an example
-    example = torch.arange(n).repeat_interleave(t)
-    row, values = tokens.reshape(-1), _randn(n * t, d, seed=seed + 100)
-    if padding is not None:
-        keep = row != padding
-        example, row, values = example[keep], row[keep], values[keep]
-    return Indexed(example, row, values, n, vocab)
+    values = _randn(n, t, d, seed=seed + 100)
+    keep = None if padding is None else tokens != padding
+    return Indexed(tokens, values, vocab, keep)
 
 
 @pytest.mark.parametrize("vocab", [3, 40])

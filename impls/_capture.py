@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.function import BackwardCFunction
 from torch.autograd.graph import GradientEdge, Node, get_gradient_edge
 from torch.utils._pytree import tree_flatten
 
@@ -138,6 +139,9 @@ def _flat_leaves(value) -> list:
 class Capture:
     """Records a forward pass of ``side.model`` (use with :func:`captured_forward`)."""
 
+    #: backward node types of the custom autograd Functions the capture itself runs
+    own_functions: tuple[type, ...] = ()
+
     def __init__(self, side: Side, *, create_graph: bool = False):
         self.side = side
         self.batch_size = side.batch_size
@@ -148,6 +152,8 @@ class Capture:
         self.meetings: list[Meeting] = []
         self.aliases: list[Alias] = []
         self.fallbacks: list[ModuleCall] = []
+        #: (parameter, where) used while autograd was off during the forward
+        self.unseen: list[tuple[str, str]] = []
         self.watch = BatchWatch(
             side.batch_size,
             side.batched_tensors(),
@@ -191,6 +197,13 @@ class Capture:
 
     def intercept(self, func, args: tuple, kwargs: dict):
         if not torch.is_grad_enabled():
+            # inside a custom autograd.Function's forward (or a reentrant checkpoint) autograd is
+            # off, yet the Function's backward may still differentiate what it uses: remember
+            if self.names and not self.unseen:
+                for x in tensor_arguments(args, kwargs):
+                    if id(x) in self.names:
+                        self.unseen.append((self.names[id(x)], self.where(func)))
+                        break
             return NotImplemented
         replacement = REPLACEMENTS.get(func)
         if replacement is not None:
@@ -461,6 +474,15 @@ class Capture:
         return False
 
     def check_losses(self, losses: Tensor) -> None:
+        if self.unseen and losses.grad_fn is not None:
+            foreign = _custom_functions(losses.grad_fn, self.own_functions)
+            if foreign:
+                name, where = self.unseen[0]
+                raise Unsupported(
+                    f"parameter '{name}' is used by {where} while autograd is off, and the "
+                    f"graph holds {foreign[0]} (a custom autograd.Function or a reentrant "
+                    "checkpoint): what its backward differentiates cannot be seen per example"
+                )
         tag = self.watch.tag_of(losses)
         if isinstance(tag, Lost):
             raise Unsupported(f"the per-example losses cannot be traced to the examples: "
@@ -704,6 +726,20 @@ class Capture:
             if use.output is not None and use.edge is None:
                 use.grad_output = use.output.new_zeros(n, *use.output.shape)
                 ready_use(use)
+
+
+def _custom_functions(root: Node, own: tuple[type, ...]) -> list[str]:
+    """Names of the custom autograd.Function nodes in the graph below ``root`` (not ``own``)."""
+    found, seen, stack = [], set(), [root]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if isinstance(node, BackwardCFunction) and not isinstance(node, own):
+            found.append(type(node).__name__)
+        stack.extend(child for child, _ in node.next_functions)
+    return found
 
 
 def _substituted(args, kwargs, replaced: dict[int, Tensor]):

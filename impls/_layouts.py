@@ -1119,6 +1119,14 @@ _register(
 )  # fmt: skip
 
 
+def _same_as_input(call: Call):
+    """Elementwise over the first argument (prelu's weight runs along the channels)."""
+    return _only_layout(call, call.args[0])
+
+
+_register(_same_as_input, "prelu", "_prelu_kernel")
+
+
 def _one_hot(call: Call):
     return _only_layout(call, call.args[0])
 

@@ -45,11 +45,13 @@ def one_line(exc: BaseException, limit: int = 240) -> str:
 
 @contextlib.contextmanager
 def library_errors(library: str, package: str) -> Iterator[None]:
-    """Turn a failure raised inside the library's own code into Unsupported with a one-line
-    reason; anything else (pegbench's own code, the caller's model) propagates unchanged.
+    """Turn a failure of the library into Unsupported with a one-line reason; anything else
+    propagates unchanged.
 
-    Where an exception was raised is the innermost frame of its traceback outside torch (torch
-    raises on behalf of whoever called it): inside ``package`` it is the library's failure.
+    A failure is the library's when the library's code (``package``) is on the stack where it
+    was raised, and the innermost frame outside torch there is not pegbench's own: the library
+    failed itself, or failed to run the model it re-runs (Opacus's functorch path). An error of
+    pegbench's code around or inside the library's call (its hooks) is never disguised as one.
     """
     try:
         yield
@@ -62,19 +64,23 @@ def library_errors(library: str, package: str) -> Iterator[None]:
 
 
 _TORCH = os.path.dirname(torch.__file__) + os.sep
+_PEGBENCH = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_PEGBENCH_TESTS = os.path.join(_PEGBENCH, "tests") + os.sep
 
 
 def raised_in(exc: BaseException, package: str) -> bool:
-    """Whether the innermost non-torch frame of ``exc``'s traceback is in ``package``."""
+    """Whether ``exc`` is the library ``package``'s failure (see :func:`library_errors`)."""
     module = importlib.import_module(package)
-    root = os.path.dirname(module.__file__) + os.sep
-    frames = traceback.extract_tb(exc.__traceback__)
-    for frame in reversed(frames):
-        filename = os.path.abspath(frame.filename)
+    root = os.path.dirname(os.path.abspath(module.__file__)) + os.sep
+    files = [os.path.abspath(f.filename) for f in traceback.extract_tb(exc.__traceback__)]
+    if not any(f.startswith(root) for f in files):
+        return False
+    for filename in reversed(files):
         if filename.startswith(_TORCH):
             continue
-        return filename.startswith(root)
-    return False
+        ours = filename.startswith(_PEGBENCH) and not filename.startswith(_PEGBENCH_TESTS)
+        return not ours
+    return True
 
 
 @contextlib.contextmanager

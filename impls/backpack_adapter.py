@@ -51,7 +51,13 @@ from impls._peer_support import (
     quiet,
     refuse_tied_parameters,
 )
-from impls.base import MaterializingImplementation, Side, Unsupported, per_example_losses
+from impls.base import (
+    MaterializingImplementation,
+    Side,
+    Unsupported,
+    differentiate,
+    per_example_losses,
+)
 
 
 def _extension_table() -> dict[type, Any]:
@@ -180,7 +186,7 @@ def _backpack_run(side: Side, loss_fn, extension, savefield: str) -> dict[str, T
                 losses = per_example_losses(loss_fn, outputs, side.targets, b)
             if losses.requires_grad:
                 with library_errors("BackPACK", "backpack"):
-                    torch.autograd.grad(losses.sum(), list(side.params.values()), allow_unused=True)
+                    differentiate(losses.sum(), list(side.params.values()), allow_unused=True)
         if unseen:
             raise Unsupported(
                 f"the loss depends on a later output of {unseen[0]} (h_n / c_n): BackPACK only "

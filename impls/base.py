@@ -148,6 +148,18 @@ def check_per_example_gradients_defined(model: nn.Module) -> None:
             )
 
 
+def differentiate(outputs, inputs, **options):
+    """``torch.autograd.grad``, with what autograd cannot do for a model (reentrant activation
+    checkpointing refuses ``.grad()``) refused with the reason."""
+    try:
+        return torch.autograd.grad(outputs, inputs, **options)
+    except RuntimeError as error:
+        if "checkpoint" not in str(error):
+            raise
+        first = str(error).strip().splitlines()[0]
+        raise Unsupported(f"autograd cannot differentiate this model: {first}") from error
+
+
 def per_example_losses(loss_fn: LossFn, outputs: Any, targets: Any, batch_size: int) -> Tensor:
     """Call loss_fn and insist on a Tensor of shape [batch_size]."""
     losses = loss_fn(outputs, targets)

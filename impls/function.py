@@ -25,7 +25,7 @@ from torch import Tensor
 from impls._capture import Capture, no_values
 from impls._layouts import canonical
 from impls._watch import tensor_arguments
-from impls.base import Implementation, Unsupported, per_example_losses
+from impls.base import Implementation, Unsupported, differentiate, per_example_losses
 from impls.factors import combine, groups
 from impls.layers import Use
 from impls.layers.conv import ConvRule, explicit_padding
@@ -124,6 +124,7 @@ def _through_function(use, sink: list) -> Tensor:
 class FunctionCapture(Capture):
     """The capture, with recorded calls run through the Functions and anything else refused."""
 
+
     def __init__(self, side):
         super().__init__(side, create_graph=False)
         self.sinks: list[tuple[Use, list]] = []
@@ -148,6 +149,11 @@ class FunctionCapture(Capture):
         return super()._record(rule, binding, func, args, kwargs)
 
     def _compute(self, use, func, args, kwargs):
+        if torch._C._autograd._top_saved_tensors_default_hooks(False) is not None:
+            raise Unsupported(
+                f"{use.where} runs under saved-tensor hooks (activation checkpointing?): its "
+                "recomputation in the backward would not go through 'function''s Function"
+            )
         if any(layout is None for layout in use.layouts):
             raise Unsupported(
                 f"'function' cannot compute {use.where} per example: it is called on a tensor "
@@ -172,6 +178,11 @@ class FunctionCapture(Capture):
         self._refuse(weights, func)
 
 
+FunctionCapture.own_functions = tuple(
+    f._backward_cls for f in (LinearFunction, ConvFunction, EmbeddingFunction)
+)
+
+
 class CustomFunction(Implementation):
     name = "function"
     differentiable = False
@@ -188,7 +199,7 @@ class CustomFunction(Implementation):
             # asking for the parameters' gradients makes autograd run every recorded Function's
             # backward; those return None for the parameters, so no weight gradient is formed
             if losses.requires_grad and used:
-                torch.autograd.grad(losses.sum(), used, allow_unused=True)
+                differentiate(losses.sum(), used, allow_unused=True)
         parts: dict[str, list] = {}
         for use, sink in capture.sinks:
             grad = sink[0] if sink else torch.zeros_like(use.output)

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from impls.base import MaterializingImplementation, example_slice, per_example_losses
+from impls.base import (
+    MaterializingImplementation,
+    differentiate,
+    example_slice,
+    per_example_losses,
+)
 
 
 class NaiveLoop(MaterializingImplementation):
@@ -17,7 +22,7 @@ class NaiveLoop(MaterializingImplementation):
         for i in range(side.batch_size):
             args, kwargs, targets = example_slice(side, i, i + 1)
             loss = per_example_losses(loss_fn, side.call_model(args, kwargs), targets, 1)[0]
-            grads = torch.autograd.grad(loss, params, allow_unused=True, create_graph=create_graph)
+            grads = differentiate(loss, params, allow_unused=True, create_graph=create_graph)
             rows.append(
                 [
                     torch.zeros_like(p) if g is None else _dense(g)

@@ -65,6 +65,7 @@ from impls.base import (
     MaterializingImplementation,
     Side,
     Unsupported,
+    differentiate,
     per_example_losses,
 )
 
@@ -230,7 +231,7 @@ def _opacus_run(side: Side, loss_fn, ghost: bool) -> dict[str, Tensor]:
                 losses = per_example_losses(loss_fn, outputs, side.targets, side.batch_size)
             if losses.requires_grad:
                 with library_errors(library, "opacus"):
-                    torch.autograd.grad(losses.sum(), list(working.values()), allow_unused=True)
+                    differentiate(losses.sum(), list(working.values()), allow_unused=True)
         _check_pairing(watch)
         return _collect(plan, side.batch_size, ghost)
     finally:

@@ -163,8 +163,8 @@ def validate_sweep(args) -> None:
                 "--fresh starts an empty table, --resume continues the one there: not both"
             )
         cli.check_output_folder(args.out, "--out")
-        for device in devices:
-            folder = args.out / torch.device(device).type
+        folders = [args.out / torch.device(device).type for device in devices]
+        for folder in folders:
             if folder.exists() and not folder.is_dir():
                 raise ValueError(f"argument --out: {folder} is not a folder")
             if not args.fresh:
@@ -174,7 +174,7 @@ def validate_sweep(args) -> None:
                 except store.ResultsError as error:
                     raise ValueError(f"{error} (--fresh starts an empty table)") from None
         if not args.no_report and args.out.is_dir():
-            report.check(args.out)
+            report.check(args.out, replaced=folders if args.fresh else ())
     args.devices = devices
 
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,28 +55,21 @@ class Options:
     settings: Any  # bench.sweep.Settings
 
 
-def options(
-    *,
-    batch_sizes: Sequence[int] | None = None,
-    implementations: Sequence[str] | None = None,
-    quick: bool = False,
-    threads: int = 1,
-    rounds: int | None = None,
-    min_run_time: float | None = None,
-    budget: float | None = None,
-    check_batch_size: int = 8,
-    memory: bool = True,
-) -> Options:
-    """``compare``'s keyword arguments checked and resolved (``quick`` and the defaults);
-    ``ValueError`` naming the first bad one."""
+def options(keywords: Mapping[str, Any]) -> Options:
+    """``compare``'s option keywords (``batch_sizes``, ``implementations``, ``quick``,
+    ``threads``, ``rounds``, ``min_run_time``, ``budget``, ``check_batch_size``, ``memory``;
+    other keys are ignored) checked and resolved with ``quick`` and the defaults; ``ValueError``
+    naming the first bad one."""
     import impls
     from bench.sweep import Settings
 
     known = impls.names()
+    implementations = keywords["implementations"]
     if isinstance(implementations, str):
         implementations = [implementations]
     cli.check_known("implementation", implementations, known)
-    preset = QUICK if quick else DEFAULT
+    preset = QUICK if keywords["quick"] else DEFAULT
+    batch_sizes = keywords["batch_sizes"]
     if batch_sizes is None:
         batch_sizes = preset["batch_sizes"]
     sizes = [batch_sizes] if isinstance(batch_sizes, int) else list(batch_sizes)
@@ -84,20 +77,21 @@ def options(
         raise ValueError("batch_sizes is empty")
     for size in sizes:
         cli.check_whole("batch_sizes", size, 1, cli.MAX_BATCH_SIZE)
-    cli.check_whole("threads", threads, 1, cli.MAX_THREADS)
+    threads = cli.check_whole("threads", keywords["threads"], 1, cli.MAX_THREADS)
+    check_batch_size = keywords["check_batch_size"]
     cli.check_whole("check_batch_size", check_batch_size, 1, cli.MAX_BATCH_SIZE)
 
-    def pick(value, key, check):
-        return preset[key] if value is None else check(key, value)
+    def pick(key, check):
+        return preset[key] if keywords[key] is None else check(key, keywords[key])
 
     settings = Settings(
         threads=threads,
-        rounds=pick(rounds, "rounds", cli.check_whole),
-        min_run_time=pick(min_run_time, "min_run_time", _seconds),
-        budget_s=pick(budget, "budget", _seconds),
+        rounds=pick("rounds", cli.check_whole),
+        min_run_time=pick("min_run_time", _seconds),
+        budget_s=pick("budget", _seconds),
         check=True,
         check_batch_size=check_batch_size,
-        measure_memory=bool(memory),
+        measure_memory=bool(keywords["memory"]),
     )
     names = tuple(implementations or known)
     return Options(names, tuple(sorted(set(sizes))), settings)
@@ -160,17 +154,7 @@ def compare(
     """
     from bench import user_model
 
-    chosen = options(
-        batch_sizes=batch_sizes,
-        implementations=implementations,
-        quick=quick,
-        threads=threads,
-        rounds=rounds,
-        min_run_time=min_run_time,
-        budget=budget,
-        check_batch_size=check_batch_size,
-        memory=memory,
-    )
+    chosen = options(locals())  # the keywords above, checked
     case = user_model.case_from(model, loss_fn, make_batch, name=name)
     return measure(case, chosen, progress=progress, out=out)
 
@@ -253,21 +237,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def validate(args: argparse.Namespace) -> None:
     """Check the options, load and probe the file, check ``--out``: ``cli.UsageError`` (one
-    line) on a problem, before anything is measured. Adds ``options`` and ``case`` to ``args``."""
+    line) on a problem, before anything is measured. Adds to ``args`` ``keywords`` (for
+    ``compare``), ``options`` (the same resolved) and ``case`` (the loaded model)."""
     from bench import store, user_model
 
+    args.keywords = dict(
+        batch_sizes=args.batch_sizes,
+        implementations=args.impls,
+        quick=args.quick,
+        threads=args.threads,
+        rounds=args.rounds,
+        min_run_time=args.min_run_time,
+        budget=args.budget,
+        check_batch_size=args.check_batch_size,
+        memory=not args.no_memory,
+    )
     with cli.usage("compare"):
-        args.options = options(
-            batch_sizes=args.batch_sizes,
-            implementations=args.impls,
-            quick=args.quick,
-            threads=args.threads,
-            rounds=args.rounds,
-            min_run_time=args.min_run_time,
-            budget=args.budget,
-            check_batch_size=args.check_batch_size,
-            memory=not args.no_memory,
-        )
+        args.options = options(args.keywords)
         if args.out is not None:
             cli.check_output_folder(args.out, "--out")
         args.case = user_model.load(args.path)  # UserModelError is a ValueError
@@ -294,14 +280,7 @@ def run(args: argparse.Namespace) -> int:
         case.model,
         case.loss_fn,
         case.user_make_batch,
-        batch_sizes=chosen.batch_sizes,
-        implementations=names,
-        threads=settings.threads,
-        rounds=settings.rounds,
-        min_run_time=settings.min_run_time,
-        budget=settings.budget_s,
-        check_batch_size=settings.check_batch_size,
-        memory=settings.measure_memory,
+        **args.keywords,
         progress=not args.no_progress,
         out=args.out,
         name=case.name,

@@ -10,6 +10,7 @@ are importable for other reports.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from pathlib import Path
 
 import pandas as pd
@@ -341,19 +342,23 @@ def render(frame: pd.DataFrame, environments: dict[str, dict], plots: dict) -> s
     return "\n".join(lines).rstrip() + "\n"
 
 
-def check(root: Path = Path("results")) -> None:
+def check(root: Path = Path("results"), replaced: Iterable[Path] = ()) -> None:
     """Read what ``write_report(root)`` reads and check where it writes, writing nothing.
 
     Raises ``bench.store.ResultsError`` (one line naming the file and the first problem) for a
     missing results folder, a table or environment.json that is not what a sweep writes, or
-    a report or plots path taken by something else.
+    a report or plots path taken by something else. ``replaced``: device folders whose table
+    and environment.json a sweep is about to replace (not read).
     """
     root = Path(root)
+    skipped = {Path(folder).resolve() for folder in replaced}
     if not root.is_dir():
         raise store.ResultsError(f"{root}: no such results folder")
     if (root / REPORT_NAME).exists() and not (root / REPORT_NAME).is_file():
         raise store.ResultsError(f"{root / REPORT_NAME}: is not a file")
     for table in sorted(root.glob(f"*/{store.TABLE_NAME}")):
+        if table.parent.resolve() in skipped:
+            continue
         frame = store.read_table(table)
         for device in dict.fromkeys(frame["device"]):
             folder = root / str(device).split(":")[0]

@@ -63,6 +63,16 @@ def assert_one_line(code: int, err: str, prefix: str, *expected: str) -> None:
         assert text in err, err
 
 
+def assert_refused(root: Path, argv, prefix: str, *expected: str, main=bench_main.main) -> None:
+    """``main(argv)`` answers one line starting with ``prefix`` (and holding ``expected``),
+    exit code 2, prints nothing on stdout, and leaves every file below ``root`` as it was."""
+    before = snapshot(root)
+    code, out, err = call(main, argv)
+    assert_one_line(code, err, prefix, *expected)
+    assert out == ""
+    assert snapshot(root) == before
+
+
 def results_folder(root: Path, rows=None, environment=None) -> Path:
     """A results folder with a tiny table and its environment.json."""
     folder = root / "cpu"
@@ -80,8 +90,8 @@ def results_folder(root: Path, rows=None, environment=None) -> Path:
 @pytest.mark.parametrize("size", ["-3", "0"])
 def test_sweep_rejects_non_positive_batch_sizes_before_measuring(tmp_path, size, monkeypatch):
     monkeypatch.setattr("bench.sweep.Sweep.run", lambda *a, **k: pytest.fail("measured"))
-    code, _, err = call(bench_main.main, ["--batch-sizes", size, "--out", str(tmp_path)])
-    assert_one_line(code, err, "sweep: argument --batch-sizes: ", "whole number from 1", size)
+    argv = ["--batch-sizes", size, "--out", str(tmp_path)]
+    assert_refused(tmp_path, argv, "sweep: argument --batch-sizes: ", "whole number from 1", size)
     assert snapshot(tmp_path) == {}
 
 
@@ -135,9 +145,8 @@ def test_numbers_out_of_range_are_refused(tmp_path, command, option, value):
         "correctness": [],
     }[command] + [option, value]
     main = correctness_main.main if command == "correctness" else bench_main.main
-    code, _, err = call(main, argv)
-    assert_one_line(code, err, f"{command}: argument {option}: must be ", repr(value))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.py"]
+    prefix = f"{command}: argument {option}: must be "
+    assert_refused(tmp_path, argv, prefix, repr(value), main=main)
 
 
 # -- 3. foreign or malformed input files ---------------------------------------------------------
@@ -173,11 +182,8 @@ def test_report_refuses_a_table_it_did_not_write(tmp_path, name):
     table = tmp_path / "cpu" / store.TABLE_NAME
     table.write_text(text)
     (tmp_path / "REPORT.md").write_text("the previous report\n")
-    before = snapshot(tmp_path)
-    code, out, err = call(bench_main.main, ["report", "--out", str(tmp_path)])
-    assert_one_line(code, err, f"report: {table}: ", expected)
-    assert out == ""
-    assert snapshot(tmp_path) == before  # no REPORT.md, no plots written
+    # no REPORT.md, no plots written
+    assert_refused(tmp_path, ["report", "--out", str(tmp_path)], f"report: {table}: ", expected)
 
 
 @pytest.mark.parametrize(
@@ -192,10 +198,8 @@ def test_report_refuses_a_broken_environment(tmp_path, text, expected):
     results_folder(tmp_path)
     environment = tmp_path / "cpu" / store.ENVIRONMENT_NAME
     environment.write_text(text)
-    before = snapshot(tmp_path)
-    code, _, err = call(bench_main.main, ["report", "--out", str(tmp_path)])
-    assert_one_line(code, err, f"report: {environment}: ", expected)
-    assert snapshot(tmp_path) == before
+    argv = ["report", "--out", str(tmp_path)]
+    assert_refused(tmp_path, argv, f"report: {environment}: ", expected)
 
 
 def test_a_sweep_refuses_to_merge_into_a_foreign_table(tmp_path, monkeypatch):
@@ -203,11 +207,11 @@ def test_a_sweep_refuses_to_merge_into_a_foreign_table(tmp_path, monkeypatch):
     (tmp_path / "cpu").mkdir()
     table = tmp_path / "cpu" / store.TABLE_NAME
     table.write_text("name,score\nalice,3\n")
-    before = snapshot(tmp_path)
     argv = ["--cases", "mlp_mnist", "--impls", "ghost", "--out", str(tmp_path)]
-    code, _, err = call(bench_main.main, argv)
-    assert_one_line(code, err, f"sweep: {table}: not a pegbench", "--fresh starts an empty")
-    assert snapshot(tmp_path) == before
+    prefix = f"sweep: {table}: not a pegbench"
+    assert_refused(tmp_path, argv, prefix, "--fresh starts an empty")
+    args = bench_main.parse_and_validate([*argv, "--fresh"])  # replacing it is fine
+    assert args.fresh and args.devices == ["cpu"]
 
 
 @pytest.mark.parametrize(
@@ -232,28 +236,25 @@ def test_regress_refuses_a_malformed_baseline(tmp_path, monkeypatch, text, expec
     monkeypatch.setattr(regress, "measure", lambda *a, **k: pytest.fail("measured"))
     path = tmp_path / "baseline.json"
     path.write_text(text)
-    before = snapshot(tmp_path)
-    code, _, err = call(bench_main.main, ["regress", "--baseline", str(path)])
-    assert_one_line(code, err, f"regress: baseline {path} is unreadable", expected)
-    assert snapshot(tmp_path) == before
+    argv = ["regress", "--baseline", str(path)]
+    assert_refused(tmp_path, argv, f"regress: baseline {path} is unreadable", expected)
 
 
 def test_regress_checks_where_it_will_write(tmp_path, monkeypatch):
     monkeypatch.setattr(regress, "measure", lambda *a, **k: pytest.fail("measured"))
     (tmp_path / "a_folder").mkdir()
     argv = ["regress", "--baseline", str(tmp_path / "a_folder"), "--update-baseline"]
-    code, _, err = call(bench_main.main, argv)
-    assert_one_line(code, err, "regress: argument --baseline: ", "is not a file")
+    assert_refused(tmp_path, argv, "regress: argument --baseline: ", "is not a file")
     argv = ["regress", "--update-baseline", "--baseline", str(tmp_path / "b.json")]
-    code, _, err = call(bench_main.main, [*argv, "--save", str(tmp_path / "a_folder")])
-    assert_one_line(code, err, "regress: argument --save: ", "is not a file")
+    argv += ["--save", str(tmp_path / "a_folder")]
+    assert_refused(tmp_path, argv, "regress: argument --save: ", "is not a file")
 
 
 def test_out_must_be_a_folder(tmp_path):
     (tmp_path / "file").write_text("")
-    for argv in (["--out", str(tmp_path / "file")], ["report", "--out", str(tmp_path / "file")]):
-        code, _, err = call(bench_main.main, argv)
-        assert code == 2 and "is not a folder" in err and err.count("\n") == 1, err
+    for command in ("sweep", "report"):
+        argv = [command, "--out", str(tmp_path / "file")]
+        assert_refused(tmp_path, argv, f"{command}: argument --out: ", "is not a folder")
 
 
 # -- every command, fuzzed -----------------------------------------------------------------------

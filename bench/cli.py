@@ -1,14 +1,16 @@
 """What every command line of pegbench shares (``python -m bench ...``, ``python -m correctness``).
 
 - ``Parser``: an ``argparse.ArgumentParser`` whose errors are one line, ``COMMAND: message``
-  (no usage block), raised as ``UsageError``; ``main`` prints it and returns exit code 2.
+  (no usage block), raised as ``UsageError``; ``fail`` prints one and returns exit code 2;
+  ``usage(COMMAND)`` turns the ``ValueError`` of a command's own checks into one;
 - argument types that check a number's range and say what is allowed (``whole``, ``number``);
   the same checks for keyword arguments (``check_whole``, ``check_number``);
 - ``add_impls_argument`` and ``check_known`` (the ``--impls`` option and its name check);
-- ``check_output_folder`` / ``check_output_file``: a path the command will write to;
+- ``check_device``; ``check_output_folder`` / ``check_output_file``: where a command writes;
 - ``text_table``: plain aligned columns for terminal output.
 
-Deliberately light (argparse, math, os, pathlib): ``correctness/__main__.py`` imports it too.
+Deliberately light (the standard library; torch only inside ``check_device``):
+``correctness/__main__.py`` imports it too.
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ class Parser(argparse.ArgumentParser):
     the last word of ``prog`` ("python -m bench compare" -> "compare"). Subparsers made with
     ``add_subparsers`` are of the same class."""
 
-    def error(self, message: str):  # noqa: D401 - argparse's hook
+    def error(self, message: str):  # argparse's hook: it must not return
         raise UsageError(f"{self.prog.split()[-1]}: {message}")
 
 
@@ -75,9 +77,9 @@ def _allowed(least=None, above=None, most=None, whole_number=False) -> str:
     kind = "a whole number" if whole_number else "a number"
     if least is not None and most is not None:
         return f"{kind} from {show(least)} to {show(most)}"
-    bounds = [f"{sign} {show(b)}" for sign, b in ((">=", least), (">", above), ("<=", most))]
-    bounds = [b for b, value in zip(bounds, (least, above, most), strict=True) if value is not None]
-    return " ".join([kind, " and ".join(bounds)]).strip()
+    signs = ((">=", least), (">", above), ("<=", most))
+    bounds = [f"{sign} {show(bound)}" for sign, bound in signs if bound is not None]
+    return f"{kind} {' and '.join(bounds)}".strip()
 
 
 def check_whole(name: str, value, least: int | None = 1, most: int | None = None) -> int:

@@ -4,8 +4,14 @@
     python -m bench --quick               a short sweep (at most ~3 minutes on 2 cores)
     python -m bench report                regenerate REPORT.md and the plots from the CSVs
 
-Commands live in ``COMMANDS`` (name -> (add_arguments, run)); the regression gate and
-``compare`` register there the same way.
+A sweep updates the table: the cells it measures replace their rows, every other row stays
+(``--fresh`` starts an empty table, ``--resume`` skips the cells already there), and the
+report is regenerated from the whole table.
+
+Commands live in ``COMMANDS`` (name -> ``Command``: add_arguments, validate, run, help); the
+regression gate and ``compare`` register there the same way. ``parse_and_validate(argv)``
+parses and checks the arguments and input files before any work; bad input is one line on
+stderr (``COMMAND: what is wrong``) and exit code 2, never a traceback.
 """
 
 from __future__ import annotations
@@ -14,11 +20,12 @@ import argparse
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from bench import compare, regress
+from bench import cli, comparison, regress
 
 QUICK = dict(
     batch_sizes=[16, 64],  # per case, those not above the case's default ladder
@@ -44,52 +51,56 @@ def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--cases", nargs="+", default=None, help=f"bench cases (default all: {', '.join(BY_NAME)})"
     )
-    parser.add_argument(
-        "--impls",
-        "--implementations",
-        dest="impls",
-        nargs="+",
-        default=None,
-        help="implementations (default: every registered one, impls.names())",
-    )
+    cli.add_impls_argument(parser, "implementations (default: every registered one, impls.names())")
     parser.add_argument("--quantities", nargs="+", default=list(QUANTITIES), choices=QUANTITIES)
     parser.add_argument(
         "--batch-sizes",
         nargs="+",
-        type=int,
+        type=cli.BATCH_SIZE,
         default=None,
         help="batch sizes for every case (default: per case, bench.cases.CPU_BATCH_SIZES on "
         "CPU, 16..1024 on CUDA)",
     )
-    parser.add_argument("--out", type=Path, default=Path("results"), help="output folder")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("results"),
+        help="output folder: the sweep updates OUT/<device>/cells.csv (default %(default)s)",
+    )
     parser.add_argument(
         "--threads",
-        type=int,
+        type=cli.THREADS,
         default=None,
         help=f"torch intra-op threads (default {torch.get_num_threads()})",
     )
     parser.add_argument(
         "--budget",
-        type=float,
+        type=cli.SECONDS,
         default=None,
         help=f"wall seconds per cell (default {DEFAULT_BUDGET:g}; quick {QUICK['budget']:g})",
     )
     parser.add_argument(
         "--rounds",
-        type=int,
+        type=cli.ROUNDS,
         default=None,
         help=f"interleaved timing rounds per cell (default {DEFAULT_ROUNDS})",
     )
     parser.add_argument(
         "--min-run-time",
-        type=float,
+        type=cli.SECONDS,
         default=None,
         help=f"seconds per blocked_autorange round (default {DEFAULT_MIN_RUN_TIME:g})",
     )
     parser.add_argument(
         "--resume",
         action="store_true",
-        help="keep the rows already in the tables and measure only the missing cells",
+        help="measure only the cells missing from the table (continue an interrupted sweep)",
+    )
+    parser.add_argument(
+        "--fresh",
+        action="store_true",
+        help="start an empty table (by default the sweep replaces the rows of the cells it "
+        "measures and keeps every other row)",
     )
     parser.add_argument(
         "--quick",
@@ -129,50 +140,93 @@ def settings_from(args):
     )
 
 
+#: earlier sweeps' environments kept in a merged table's environment.json, at the most
+MAX_PREVIOUS = 20
+
+
+def validate_sweep(args) -> None:
+    """Names, devices, ``--out`` and the tables a sweep will update (and the report read), all
+    before measuring: ``cli.UsageError`` on a problem. Sets ``args.devices``."""
+    import impls
+    from bench import report, store
+    from bench.cases import BY_NAME
+    from bench.sweep import default_devices
+
+    with cli.usage("sweep"):
+        cli.check_known("implementation", args.impls, impls.names())
+        cli.check_known("bench case", args.cases, list(BY_NAME))
+        devices = args.devices or default_devices()
+        for device in devices:
+            cli.check_device(device, "--device")
+        if args.fresh and args.resume:
+            raise ValueError(
+                "--fresh starts an empty table, --resume continues the one there: not both"
+            )
+        cli.check_output_folder(args.out, "--out")
+        folders = [args.out / torch.device(device).type for device in devices]
+        for folder in folders:
+            if folder.exists() and not folder.is_dir():
+                raise ValueError(f"argument --out: {folder} is not a folder")
+            if not args.fresh:
+                try:
+                    store.read_table(folder / store.TABLE_NAME)
+                    store.read_environment(folder)
+                except store.ResultsError as error:
+                    raise ValueError(f"{error} (--fresh starts an empty table)") from None
+        if not args.no_report and args.out.is_dir():
+            report.check(args.out, replaced=folders if args.fresh else ())
+    args.devices = devices
+
+
+def _previous_environments(folder: Path, resume: bool) -> list[dict]:
+    """The environments of the sweeps whose rows a merged table keeps, newest first: the last
+    sweep's (unless this one resumes it) and the ones it kept."""
+    from bench.store import read_environment
+
+    old = read_environment(folder)
+    if not old:
+        return []
+    previous = list(old.get("previous", []))
+    if not resume:
+        previous.insert(0, {k: v for k, v in old.items() if k != "previous"})
+    return previous[:MAX_PREVIOUS]
+
+
 def run_sweep(args) -> int:
     import impls
     from bench import environment
     from bench.cases import BENCH_CASES, get_case
     from bench.report import headline, markdown_table, write_report
     from bench.store import ResultStore
-    from bench.sweep import Sweep, default_devices, plan
+    from bench.sweep import Sweep, plan
 
-    known = impls.names()
-    for name in args.impls or []:
-        if name not in known:
-            print(f"unknown implementation '{name}'; known: {', '.join(known)}", file=sys.stderr)
-            return 2
-    try:
-        cases = [get_case(n) for n in args.cases] if args.cases else list(BENCH_CASES)
-    except KeyError as error:
-        print(error.args[0], file=sys.stderr)
-        return 2
-    devices = args.devices or default_devices()
-    for device in devices:
-        if torch.device(device).type == "cuda" and not torch.cuda.is_available():
-            print(f"device '{device}' asked for, but CUDA is not available", file=sys.stderr)
-            return 2
+    cases = [get_case(n) for n in args.cases] if args.cases else list(BENCH_CASES)
     settings = settings_from(args)
     batch_sizes = args.batch_sizes
     if batch_sizes is None and args.quick:
         batch_sizes = {c.name: quick_batch_sizes(c.name) for c in cases}
     started = time.perf_counter()
-    for device in devices:
+    for device in args.devices:
         cells = plan(
             cases,
-            args.impls or known,
+            args.impls or impls.names(),
             devices=[device],
             quantities=args.quantities,
             batch_sizes=batch_sizes,
         )
-        store = ResultStore(args.out / torch.device(device).type, resume=args.resume)
+        folder = args.out / torch.device(device).type
+        store = ResultStore(folder, keep=not args.fresh)
+        planned = {c.key for c in cells}
+        kept = sum(1 for key in store.rows if args.resume or key not in planned)
+        todo = sum(not args.resume or c.key not in store for c in cells)
         info = environment.describe(device, settings.threads)
         info["settings"] = dict(settings.as_dict(), quick=args.quick, resumed=args.resume)
-        store.write_environment(info)
-        store.save()
-        todo = sum(c.key not in store for c in cells)
-        print(f"{device}: {len(cells)} cells, {todo} to measure, {len(store)} kept", flush=True)
-        Sweep(store, settings, progress=not args.no_progress).run(cells)
+        previous = _previous_environments(folder, args.resume) if kept else []
+        if previous:
+            info["previous"] = previous
+        store.environment = info  # written with the table, at the first measured cell
+        print(f"{device}: {len(cells)} cells, {todo} to measure, {kept} kept", flush=True)
+        Sweep(store, settings, progress=not args.no_progress).run(cells, remeasure=not args.resume)
         frame = store.frame()
         table = headline(frame, device)
         if len(table):
@@ -189,6 +243,15 @@ def add_report_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("results"), help="results folder")
 
 
+def validate_report(args) -> None:
+    """The results folder, its tables and environments, where the report goes: before writing."""
+    from bench import report
+
+    with cli.usage("report"):
+        cli.check_output_folder(args.out, "--out")
+        report.check(args.out)
+
+
 def run_report(args) -> int:
     from bench.report import write_report
 
@@ -196,32 +259,83 @@ def run_report(args) -> int:
     return 0
 
 
-#: name -> (add_arguments(parser), run(args) -> exit code, one-line help)
-COMMANDS: dict[str, tuple[Callable, Callable, str]] = {
-    "sweep": (add_sweep_arguments, run_sweep, "time and memory sweep, then REPORT.md (default)"),
-    "report": (add_report_arguments, run_report, "regenerate REPORT.md and plots from the CSVs"),
-    "regress": (regress.add_arguments, regress.run, "performance-regression gate vs a baseline"),
-    "compare": (compare.add_arguments, compare.run, "every implementation on your own model file"),
+@dataclass(frozen=True)
+class Command:
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    #: checks the parsed arguments and input files (``cli.UsageError``); may add to them
+    validate: Callable[[argparse.Namespace], None]
+    #: the work, on validated arguments; returns the exit code
+    run: Callable[[argparse.Namespace], int]
+    help: str
+
+
+COMMANDS: dict[str, Command] = {
+    "sweep": Command(
+        add_sweep_arguments,
+        validate_sweep,
+        run_sweep,
+        "time and memory sweep, then REPORT.md (default)",
+    ),
+    "report": Command(
+        add_report_arguments,
+        validate_report,
+        run_report,
+        "regenerate REPORT.md and plots from the CSVs",
+    ),
+    "regress": Command(
+        regress.add_arguments,
+        regress.validate,
+        regress.run,
+        "performance-regression gate vs a baseline",
+    ),
+    "compare": Command(
+        comparison.add_arguments,
+        comparison.validate,
+        comparison.run,
+        "every implementation on your own model file",
+    ),
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def _parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    parser = cli.Parser(
         prog="python -m bench",
         description="pegbench benchmark. Without a command, runs 'sweep'.",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (add_arguments, _, help_text) in COMMANDS.items():
-        add_arguments(commands.add_parser(name, help=help_text, description=help_text))
-    return parser
+    subparsers = {}
+    for name, command in COMMANDS.items():
+        subparsers[name] = commands.add_parser(name, help=command.help, description=command.help)
+        command.add_arguments(subparsers[name])
+    return parser, subparsers
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    return _parsers()[0]
+
+
+def parse_and_validate(argv: list[str] | None = None) -> argparse.Namespace:
+    """The arguments of ``python -m bench`` parsed and checked, input files included, before
+    any work: ``cli.UsageError`` (one line) on bad input; ``SystemExit(0)`` after --help."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help")):
         argv = ["sweep", *argv]
-    args = build_parser().parse_args(argv)
-    return COMMANDS[args.command][1](args)
+    parser, subparsers = _parsers()
+    if argv[0] not in COMMANDS:
+        parser.parse_args(argv)  # --help: prints it and exits
+    # the command's own parser, so that every error names the command
+    args = subparsers[argv[0]].parse_args(argv[1:])
+    args.command = argv[0]
+    COMMANDS[args.command].validate(args)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = parse_and_validate(argv)
+    except cli.UsageError as error:
+        return cli.fail(error)
+    return COMMANDS[args.command].run(args)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,16 @@
 """REPORT.md and the plots, generated from the result tables (never edited by hand).
 
 ``write_report(root)`` reads every ``<root>/<device>/cells.csv`` and its ``environment.json``
-and writes ``<root>/REPORT.md`` and ``<root>/<device>/plots/<case>.png``. The pieces
-(``fastest``, ``pivot``, ``markdown_table``) are importable for other reports.
+and writes ``<root>/REPORT.md`` and ``<root>/<device>/plots/<case>.png``; ``check(root)`` reads
+the same files and checks where they go first, writing nothing (``bench.store.ResultsError``).
+The pieces (``fastest``, ``pivot``, ``markdown_table``, ``format_bytes``, ``format_seconds``)
+are importable for other reports.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from pathlib import Path
 
 import pandas as pd
@@ -52,14 +55,16 @@ def _format_ratio(value: float) -> str:
     return f"{value:.2f}x"
 
 
-def _format_bytes(value) -> str:
+def format_bytes(value) -> str:
+    """``12 MiB`` / ``0.5 MiB`` (two significant digits below 10 MiB); ``?`` when missing."""
     if value is None or pd.isna(value):
         return "?"
     mib = float(value) / 2**20
     return f"{mib:.0f} MiB" if mib >= 10 else f"{mib:.2g} MiB"
 
 
-def _format_seconds(value) -> str:
+def format_seconds(value) -> str:
+    """``3.2 ms`` below a second, ``1.5 s`` above; ``?`` when missing."""
     if value is None or pd.isna(value):
         return "?"
     value = float(value)
@@ -83,7 +88,7 @@ def _memory_cell(row) -> str:
     if pd.isna(row["memory_peak_bytes"]):
         return "n/a"
     ratio = row["memory_ratio"]
-    text = f"{_format_ratio(float(ratio))} ({_format_bytes(row['memory_peak_bytes'])})"
+    text = f"{_format_ratio(float(ratio))} ({format_bytes(row['memory_peak_bytes'])})"
     return text + (WRONG_MARK if row["correct"] == "WRONG" else "")
 
 
@@ -158,7 +163,7 @@ def _not_measured(rows: pd.DataFrame) -> list[str]:
     return lines
 
 
-def _environment_line(environment: dict) -> str:
+def _environment_line(environment: dict, rows: pd.DataFrame | None = None) -> str:
     if not environment:
         return "_no environment.json beside the table_"
     versions = environment.get("versions", {})
@@ -177,6 +182,13 @@ def _environment_line(environment: dict) -> str:
         parts.append(
             "settings: "
             + ", ".join(f"{k}={settings[k]}" for k in sorted(settings) if k != "threads")
+        )
+    started = environment.get("recorded_at")
+    if environment.get("previous") and rows is not None and started:
+        earlier = int((rows["measured_at"].astype(str) < str(started)).sum())
+        parts.append(
+            f"merged table: {earlier} of {len(rows)} rows were measured by earlier sweeps "
+            "(their environments are listed under 'previous' in environment.json)"
         )
     return "; ".join(str(p) for p in parts)
 
@@ -288,7 +300,8 @@ def render(frame: pd.DataFrame, environments: dict[str, dict], plots: dict) -> s
         lines += [markdown_table(table, "case, quantity") if len(table) else "_none_", ""]
     for device in devices:
         rows_device = frame[frame["device"] == device]
-        lines += [f"## {device}", "", _environment_line(environments.get(device, {})), ""]
+        environment = _environment_line(environments.get(device, {}), rows_device)
+        lines += [f"## {device}", "", environment, ""]
         for case in dict.fromkeys(rows_device["case"]):
             rows = rows_device[rows_device["case"] == case]
             lines += [f"### {case}", ""]
@@ -298,14 +311,14 @@ def render(frame: pd.DataFrame, environments: dict[str, dict], plots: dict) -> s
                 these = rows[rows["quantity"] == quantity]
                 times = pivot(these, _time_cell)
                 plain = pd.DataFrame(
-                    [_plain_row(these, "plain_median_s", _format_seconds)],
+                    [_plain_row(these, "plain_median_s", format_seconds)],
                     index=["plain step (s)"],
                 )
                 lines += [f"#### {quantity}: time ratio", ""]
                 lines += [markdown_table(pd.concat([times, plain]).fillna(""), "implementation")]
                 memory = pivot(these, _memory_cell)
                 plain_memory = pd.DataFrame(
-                    [_plain_row(these, "plain_peak_bytes", _format_bytes)],
+                    [_plain_row(these, "plain_peak_bytes", format_bytes)],
                     index=["plain step peak"],
                 )
                 lines += ["", f"#### {quantity}: peak memory, ratio to the plain step (peak)", ""]
@@ -327,6 +340,32 @@ def render(frame: pd.DataFrame, environments: dict[str, dict], plots: dict) -> s
             elif (device, case) in plots:
                 lines += ["_No plot: matplotlib is not installed here._", ""]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def check(root: Path = Path("results"), replaced: Iterable[Path] = ()) -> None:
+    """Read what ``write_report(root)`` reads and check where it writes, writing nothing.
+
+    Raises ``bench.store.ResultsError`` (one line naming the file and the first problem) for a
+    missing results folder, a table or environment.json that is not what a sweep writes, or
+    a report or plots path taken by something else. ``replaced``: device folders whose table
+    and environment.json a sweep is about to replace (not read).
+    """
+    root = Path(root)
+    skipped = {Path(folder).resolve() for folder in replaced}
+    if not root.is_dir():
+        raise store.ResultsError(f"{root}: no such results folder")
+    if (root / REPORT_NAME).exists() and not (root / REPORT_NAME).is_file():
+        raise store.ResultsError(f"{root / REPORT_NAME}: is not a file")
+    for table in sorted(root.glob(f"*/{store.TABLE_NAME}")):
+        if table.parent.resolve() in skipped:
+            continue
+        frame = store.read_table(table)
+        for device in dict.fromkeys(frame["device"]):
+            folder = root / str(device).split(":")[0]
+            store.read_environment(folder)
+            plots = folder / "plots"
+            if plots.exists() and not plots.is_dir():
+                raise store.ResultsError(f"{plots}: is not a folder (the plots go there)")
 
 
 def write_report(root: Path = Path("results")) -> Path:

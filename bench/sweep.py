@@ -37,11 +37,11 @@ from bench import memory as memory_module
 from bench.cases import default_batch_sizes
 from bench.environment import available_memory_bytes
 from bench.store import KEY, ResultStore
+from bench.store import STATUSES as STATUSES  # a cell's statuses (defined beside the table)
 from bench.timing import CellTimeout, interleaved, time_limit, time_once
 from impls import Unsupported
 
 QUANTITIES = ("norms", "gram")
-STATUSES = ("ok", "unsupported", "oom", "timeout", "skipped", "error")
 
 #: calls a cell needs at the least: a probe, one memory reading, one timed round (a warm-up and
 #: a measured call); used to skip cells whose extrapolated call time cannot fit the budget
@@ -150,15 +150,19 @@ def quantity_call(implementation, quantity: str, model, loss_fn, batch) -> Calla
 def plain_step(model, loss_fn, batch) -> Callable[[], None]:
     """A zero-argument plain training step: forward, ``loss.sum().backward()``.
 
-    Gradients are set to None first, as ``optimizer.zero_grad()`` does, so every call does the
-    same work (allocating ``.grad``) instead of accumulating into the last call's.
+    The model is called as the batch holds its inputs: ``model(x)`` for a Tensor,
+    ``model(*inputs)`` for a tuple, ``model(**inputs)`` for a mapping of names (as the
+    implementations call it). Gradients are set to None first, as ``optimizer.zero_grad()``
+    does, so every call does the same work (allocating ``.grad``) instead of accumulating into
+    the last call's.
     """
+    from correctness.oracle import call
+
     inputs, targets = batch
-    inputs = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
 
     def step() -> None:
         model.zero_grad(set_to_none=True)
-        loss_fn(model(*inputs), targets).sum().backward()
+        loss_fn(call(model, inputs), targets).sum().backward()
 
     return step
 
@@ -503,9 +507,10 @@ class Sweep:
 
     # -- many cells --------------------------------------------------------------------------
 
-    def run(self, cells: Iterable[Cell]) -> list[dict]:
-        """Measure every cell not already in the store, saving after each; return new rows."""
-        todo = [c for c in cells if c.key not in self.store]
+    def run(self, cells: Iterable[Cell], remeasure: bool = False) -> list[dict]:
+        """Measure every cell not already in the store (every cell with ``remeasure``: its new
+        row replaces the old one), saving after each; return the new rows."""
+        todo = [c for c in cells if remeasure or c.key not in self.store]
         measured = []
         bar = _progress_bar(len(todo), self.progress)
         with warnings.catch_warnings():

@@ -1,16 +1,20 @@
-"""A user's model file for ``python -m bench compare``: loading it and checking it first.
+"""A user's model for ``bench.compare`` and ``python -m bench compare``: loading and checking it.
 
-The file defines ``make_case()`` returning ``(model, loss_fn, make_batch)``:
+From a notebook, ``bench.compare(model, loss_fn, make_batch)`` takes the three directly
+(``case_from``). From the command line, the file defines ``make_case()`` returning them
+(``load``):
 
 - ``model``: a ``torch.nn.Module`` in the mode (train/eval), dtype and device it is used in;
 - ``loss_fn(outputs, targets)``: per-example losses, a Tensor of shape [B] (reduction "none");
-- ``make_batch(batch_size)``: ``(inputs, targets)``, inputs a Tensor or a tuple of Tensors with
-  the batch dimension first.
+- ``make_batch(batch_size)``: ``(inputs, targets)`` with the batch dimension first. inputs: a
+  Tensor (``model(x)``), a tuple (``model(*inputs)``) or a dict of names (``model(**inputs)``);
+  targets: a Tensor, a tuple or a dict, handed to ``loss_fn`` as they are. Values that are not
+  Tensors pass through unchanged; every Tensor among them has the batch dimension first.
 
-``load(path)`` imports the file, calls ``make_case()`` and runs one forward and loss on a batch
-of ``PROBE_BATCH_SIZE`` examples, so that a mistake is reported as one line naming it
-(``UserModelError``) before any implementation runs. The result, a ``UserCase``, is a bench case
-(``name``, ``make_model``, ``make_batch``, ``loss_fn``) that ``bench.sweep`` measures like its own.
+Both run one forward and loss on a batch of ``PROBE_BATCH_SIZE`` examples (``probe``), so that
+a mistake is reported as one line naming it (``UserModelError``) before any implementation
+runs. The result, a ``UserCase``, is a bench case (``name``, ``make_model``, ``make_batch``,
+``loss_fn``) that ``bench.sweep`` measures like its own.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import itertools
 import sys
 import traceback
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,8 +38,8 @@ PROBE_BATCH_SIZE = 2
 _counter = itertools.count()
 
 
-class UserModelError(Exception):
-    """A problem with the user's model file, in one line naming it."""
+class UserModelError(ValueError):
+    """A problem with the user's model (or model file), in one line naming it."""
 
 
 @dataclass
@@ -50,7 +54,7 @@ class UserCase:
     model: nn.Module
     loss_fn: Callable[[Any, Any], torch.Tensor]
     user_make_batch: Callable[[int], tuple]
-    path: Path
+    path: Path | None = None  # the model file, None for a model given directly
     tags: tuple[str, ...] = field(default=("user",))
 
     @property
@@ -82,13 +86,15 @@ def _first_line(text: str) -> str:
     return lines[0] if lines else ""
 
 
-def describe(error: BaseException, path: Path) -> str:
+def describe(error: BaseException, path: Path | None = None) -> str:
     """``Type: message (file:line)``, on one line; the line is the deepest one in the user's
     file when the traceback passes through it, else the deepest one."""
     if isinstance(error, SyntaxError) and error.lineno is not None:
         return f"SyntaxError: {error.msg} ({Path(error.filename or path).name}:{error.lineno})"
     frames = traceback.extract_tb(error.__traceback__)
-    theirs = [f for f in frames if Path(f.filename).resolve() == path.resolve()]
+    theirs = []
+    if path is not None:
+        theirs = [f for f in frames if Path(f.filename).resolve() == path.resolve()]
     frame = (theirs or frames or [None])[-1]
     where = f" ({Path(frame.filename).name}:{frame.lineno})" if frame else ""
     message = _first_line(str(error))
@@ -98,7 +104,7 @@ def describe(error: BaseException, path: Path) -> str:
 def _kind(value: Any) -> str:
     if isinstance(value, torch.Tensor):
         return f"a Tensor of shape {list(value.shape)}"
-    if isinstance(value, (tuple, list)):
+    if isinstance(value, (tuple, list, Mapping)):
         return f"a {type(value).__name__} of {len(value)}"
     return f"a {type(value).__name__}"
 
@@ -118,25 +124,49 @@ def _import(path: Path):
     return module
 
 
-def _tensors(value: Any) -> list[torch.Tensor] | None:
-    """The tensors of a Tensor or a tuple/list of Tensors; None for anything else."""
+def _tensors(value: Any) -> list[torch.Tensor]:
+    """The Tensors at the top of a Tensor, a tuple/list or a mapping (others pass through)."""
     if isinstance(value, torch.Tensor):
         return [value]
-    if isinstance(value, (tuple, list)) and value:
-        if all(isinstance(t, torch.Tensor) for t in value):
-            return list(value)
-    return None
+    if isinstance(value, Mapping):
+        value = list(value.values())
+    if isinstance(value, (tuple, list)):
+        return [v for v in value if isinstance(v, torch.Tensor)]
+    return []
+
+
+def _shapes(inputs: Any) -> str:
+    """``[2, 5], [2]`` (a Tensor or a tuple) or ``x=[2, 5], mask=[2, 5]`` (a mapping)."""
+
+    def shape(value) -> str:
+        return str(list(value.shape)) if isinstance(value, torch.Tensor) else _kind(value)
+
+    if isinstance(inputs, Mapping):
+        return ", ".join(f"{k}={shape(v)}" for k, v in inputs.items())
+    if isinstance(inputs, (tuple, list)):
+        return ", ".join(shape(v) for v in inputs)
+    return shape(inputs)
 
 
 def check_batch(batch: Any, batch_size: int, where: str) -> None:
-    """Raise ``UserModelError`` unless ``batch`` is ``(inputs, targets)`` of ``batch_size``."""
+    """Raise ``UserModelError`` unless ``batch`` is ``(inputs, targets)`` of ``batch_size``:
+    inputs a Tensor, a tuple or a mapping of names holding at least one Tensor, every Tensor
+    of inputs and targets with the batch dimension first."""
     if not isinstance(batch, (tuple, list)) or len(batch) != 2:
         raise UserModelError(f"{where} must return (inputs, targets); it returned {_kind(batch)}")
     inputs, targets = batch
+    if isinstance(inputs, Mapping):
+        keys = [k for k in inputs if not isinstance(k, str)]
+        if keys:
+            raise UserModelError(
+                f"{where}: a dict of inputs needs names (str keys: the model is called as "
+                f"model(**inputs)); got the key {keys[0]!r}"
+            )
     tensors = _tensors(inputs)
-    if tensors is None:
+    if not tensors:
         raise UserModelError(
-            f"{where}: inputs must be a Tensor or a tuple of Tensors; got {_kind(inputs)}"
+            f"{where}: inputs must be a Tensor, a tuple of Tensors or a dict of names to "
+            f"Tensors; got {_kind(inputs)}"
         )
     for tensor in tensors:
         if tensor.dim() == 0 or tensor.shape[0] != batch_size:
@@ -144,8 +174,7 @@ def check_batch(batch: Any, batch_size: int, where: str) -> None:
                 f"{where}: every input needs the batch dimension first ({batch_size}); "
                 f"got shape {list(tensor.shape)}"
             )
-    target_tensors = _tensors(targets) or []
-    for tensor in target_tensors:
+    for tensor in _tensors(targets):
         if tensor.dim() == 0 or tensor.shape[0] != batch_size:
             raise UserModelError(
                 f"{where}: targets need the batch dimension first ({batch_size}); "
@@ -190,55 +219,78 @@ def _load(path: Path) -> UserCase:
             f"it returned {_kind(case)}"
         )
     model, loss_fn, make_batch = case
+    return case_from(model, loss_fn, make_batch, path=path)
+
+
+def case_from(
+    model: Any,
+    loss_fn: Any,
+    make_batch: Any,
+    *,
+    path: Path | None = None,
+    name: str | None = None,
+) -> UserCase:
+    """Check the three (a Module with trainable parameters, two callables), probe one forward
+    and loss on a batch of ``PROBE_BATCH_SIZE``, and return the ``UserCase``; the name is the
+    file's stem, else ``name``, else the model's class name. ``UserModelError`` on a problem,
+    worded for ``make_case()``'s result when ``path`` is given, for arguments otherwise."""
+    prefix = f"{path}: " if path is not None else ""
+
+    def label(index: int, what: str) -> str:
+        return f"make_case()[{index}], {what}," if path is not None else what
+
     if not isinstance(model, nn.Module):
         raise UserModelError(
-            f"{path}: make_case()[0], the model, must be a torch.nn.Module; got {_kind(model)}"
+            f"{prefix}{label(0, 'the model')} must be a torch.nn.Module; got {_kind(model)}"
         )
-    for index, (name, value) in enumerate((("loss_fn", loss_fn), ("make_batch", make_batch)), 1):
+    for index, (what, value) in enumerate((("loss_fn", loss_fn), ("make_batch", make_batch)), 1):
         if not callable(value):
             raise UserModelError(
-                f"{path}: make_case()[{index}], {name}, must be callable; got {_kind(value)}"
+                f"{prefix}{label(index, what)} must be callable; got {_kind(value)}"
             )
     if not _trainable(model):
-        raise UserModelError(f"{path}: the model has no trainable parameters (requires_grad)")
-    user_case = UserCase(path.stem, model, loss_fn, make_batch, path)
+        raise UserModelError(f"{prefix}the model has no trainable parameters (requires_grad)")
+    if path is not None:
+        name = path.stem
+    user_case = UserCase(name or type(model).__name__, model, loss_fn, make_batch, path)
     probe(user_case, PROBE_BATCH_SIZE)
     return user_case
 
 
 def probe(case: UserCase, batch_size: int) -> None:
     """One forward and loss on ``make_batch(batch_size)``; ``UserModelError`` on a problem."""
+    from correctness.oracle import call
+
     path, where = case.path, f"make_batch({batch_size})"
+    prefix = f"{path}: " if path is not None else ""
     try:
         batch = case.user_make_batch(batch_size)
     except Exception as error:
-        raise UserModelError(f"{path}: {where} raised {describe(error, path)}") from None
-    check_batch(batch, batch_size, f"{path}: {where}")
+        raise UserModelError(f"{prefix}{where} raised {describe(error, path)}") from None
+    check_batch(batch, batch_size, f"{prefix}{where}")
     inputs, targets = batch
-    inputs = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
     try:
-        outputs = case.model(*inputs)
+        outputs = call(case.model, inputs)
     except Exception as error:
-        shapes = ", ".join(str(list(t.shape)) for t in inputs)
         raise UserModelError(
-            f"{path}: the model's forward failed on {where} (inputs {shapes}): "
+            f"{prefix}the model's forward failed on {where} (inputs {_shapes(inputs)}): "
             f"{describe(error, path)}"
         ) from None
     try:
         losses = case.loss_fn(outputs, targets)
     except Exception as error:
         raise UserModelError(
-            f"{path}: loss_fn(outputs, targets) failed on {where}: {describe(error, path)}"
+            f"{prefix}loss_fn(outputs, targets) failed on {where}: {describe(error, path)}"
         ) from None
     if not isinstance(losses, torch.Tensor) or tuple(losses.shape) != (batch_size,):
         scalar = isinstance(losses, torch.Tensor) and losses.dim() == 0
         hint = " (a mean or a sum? use reduction='none')" if scalar else ""
         raise UserModelError(
-            f"{path}: loss_fn must return per-example losses, a Tensor of shape [{batch_size}] "
+            f"{prefix}loss_fn must return per-example losses, a Tensor of shape [{batch_size}] "
             f"for a batch of {batch_size}; it returned {_kind(losses)}{hint}"
         )
     if not losses.requires_grad:
         raise UserModelError(
-            f"{path}: the loss does not depend on any trainable parameter "
+            f"{prefix}the loss does not depend on any trainable parameter "
             "(computed under torch.no_grad(), or detached?)"
         )

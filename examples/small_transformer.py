@@ -4,8 +4,8 @@ A compare file defines ``make_case()`` returning ``(model, loss_fn, make_batch)`
 
 - ``model``: the torch.nn.Module, in the mode (train/eval), dtype and device you use it in;
 - ``loss_fn(outputs, targets)``: per-example losses, Tensor[B] (reduction "none");
-- ``make_batch(batch_size)``: ``(inputs, targets)``, inputs a Tensor or a tuple of Tensors with
-  the batch dimension first.
+- ``make_batch(batch_size)``: ``(inputs, targets)`` with the batch dimension first; inputs a
+  Tensor, a tuple of Tensors or a dict of names (``model(**inputs)``).
 
 This one is a small transformer text classifier: token and position embeddings, two
 pre-LayerNorm blocks of self-attention and a GELU MLP, mean pooling, a linear head

@@ -1,4 +1,5 @@
-"""A fake case and fake implementations of known cost, to test the runner itself.
+"""A fake case and fake implementations of known cost, to test the runner itself; a small
+hand-made results table (``tiny_rows``).
 
 The fake model's forward sleeps ``PLAIN_SECONDS_PER_EXAMPLE`` per example, so a plain step costs
 about that times B; a ``FakeImplementation`` sleeps its own seconds per example and allocates
@@ -113,3 +114,71 @@ class FakeImplementation:
 class Refuses(FakeImplementation):
     def __init__(self):
         super().__init__(fail=Unsupported("fake refuses every model"))
+
+
+def tiny_rows() -> list[dict]:
+    """A hand-made results table of the fake case: a slow, a quick and a WRONG implementation
+    at B=16 and 32, and a timeout at B=64."""
+    base = dict(
+        device="cpu",
+        case="fake",
+        quantity="norms",
+        threads=1,
+        flags="",
+        reason="",
+        memory_note="",
+        plain_median_s=0.01,
+        plain_peak_bytes=2**20,
+        n_samples=3,
+        check_error=1e-7,
+    )
+    rows = []
+    for b in (16, 32):
+        rows += [
+            dict(
+                base,
+                implementation="slowpoke",
+                batch_size=b,
+                status="ok",
+                correct="ok",
+                time_median_s=0.05,
+                ratio=5.0,
+                memory_peak_bytes=5 * 2**20,
+                memory_ratio=5.0,
+            ),
+            dict(
+                base,
+                implementation="quick",
+                batch_size=b,
+                status="ok",
+                correct="ok",
+                time_median_s=0.012,
+                ratio=1.2,
+                memory_peak_bytes=2**20,
+                memory_ratio=1.0,
+                flags="noisy: IQR 12% of median" if b == 32 else "",
+            ),
+            dict(
+                base,
+                implementation="liar",
+                batch_size=b,
+                status="ok",
+                correct="WRONG",
+                check_error=0.5,
+                time_median_s=0.001,
+                ratio=0.1,
+                memory_peak_bytes=1,
+                memory_ratio=0.0,
+            ),
+        ]
+    rows.append(
+        dict(
+            base,
+            implementation="slowpoke",
+            batch_size=64,
+            status="timeout",
+            correct="ok",
+            reason="ran past its 1 s budget",
+        )
+    )
+    return rows

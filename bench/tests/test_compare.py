@@ -121,10 +121,15 @@ def test_missing_file(tmp_path, capsys):
 @pytest.mark.parametrize(
     "extra, expected",
     [
-        (["--batch-sizes", "0"], "batch sizes must be at least 1; got 0"),
-        (["--batch-sizes", "8", "-3"], "batch sizes must be at least 1; got -3"),
+        (["--batch-sizes", "0"], "argument --batch-sizes: must be a whole number from 1 to"),
+        (["--batch-sizes", "8", "-3"], "argument --batch-sizes: must be a whole number from 1"),
         (["--impls", "nonexistent"], "unknown implementation 'nonexistent'; known: naive"),
-        (["--check-batch-size", "0"], "--check-batch-size must be at least 1"),
+        (["--check-batch-size", "0"], "argument --check-batch-size: must be a whole number"),
+        (["--threads", "0"], "argument --threads: must be a whole number from 1 to 1024; got '0'"),
+        (["--rounds", "x"], "argument --rounds: must be a whole number >= 1; got 'x'"),
+        (["--budget", "0"], "argument --budget: must be a number > 0 and <= 1e+06; got '0'"),
+        (["--min-run-time", "nan"], "argument --min-run-time: must be a number > 0"),
+        (["--no-such-option"], "unrecognized arguments: --no-such-option"),
     ],
 )
 def test_bad_options(tmp_path, capsys, extra, expected):

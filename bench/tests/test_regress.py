@@ -1,6 +1,7 @@
-"""The regression gate: its decisions on synthetic baselines and samples, the baseline file, the
-command's exit codes (with the measurement replaced by synthetic results), the slowdown
-injection, and one short end-to-end run on the fake case of known cost."""
+"""The regression gate: its decisions on synthetic baselines and samples (``bench.gate``), the
+baseline file (``bench.baseline``), the command's exit codes (``bench.regress``, with the
+measurement replaced by synthetic results), the slowdown injection, and one short end-to-end
+run on the fake case of known cost."""
 
 from __future__ import annotations
 
@@ -8,22 +9,19 @@ import json
 
 import pytest
 
-from bench import regress
+from bench import baseline, gate, regress
 from bench.__main__ import main
-from bench.regress import (
+from bench.baseline import Baseline, BaselineError, load_baseline, write_baseline
+from bench.gate import (
     IMPROVEMENT,
     NOT_GATED,
     REGRESSION,
     UNCHANGED,
-    Baseline,
-    BaselineError,
     CellResult,
-    Injected,
     Thresholds,
     decide,
-    load_baseline,
-    write_baseline,
 )
+from bench.regress import Injected
 from bench.sweep import Settings, plan
 from bench.tests.fakes import FAKE_CASE, FakeImplementation, Refuses
 
@@ -73,7 +71,7 @@ def test_unchanged_cell_passes():
     run = cell(ratio=2.3, samples=scaled(base.ratio_samples, 1.15), memory_ratio=1.5)
     decisions = decide([base], [run], LOOSE)
     assert {d.metric: d.verdict for d in decisions} == {"time": UNCHANGED, "memory": UNCHANGED}
-    assert not regress.regressions(decisions)
+    assert not gate.regressions(decisions)
 
 
 def test_ten_times_slower_regresses_with_the_rank_test():
@@ -109,7 +107,7 @@ def test_too_few_rounds_for_the_rank_test_the_threshold_decides():
     time = only(decide([base], [run], LOOSE), "time")
     assert time.verdict == REGRESSION
     assert "too few" in time.note
-    assert regress.smallest_p_value(1, 6) == pytest.approx(1 / 7)
+    assert gate.smallest_p_value(1, 6) == pytest.approx(1 / 7)
 
 
 def test_improvement_is_reported_not_gated():
@@ -117,7 +115,7 @@ def test_improvement_is_reported_not_gated():
     run = cell()
     decisions = decide([base], [run], LOOSE)
     assert only(decisions, "time").verdict == IMPROVEMENT
-    assert not regress.regressions(decisions)
+    assert not gate.regressions(decisions)
 
 
 def test_memory_regression_needs_threshold_and_floor():
@@ -163,9 +161,9 @@ def test_table_and_summary_name_the_regression():
     base = cell()
     run = cell(ratio=20.0, samples=scaled(base.ratio_samples, 10))
     decisions = decide([base], [run], LOOSE)
-    table = regress.format_table(regress.regressions(decisions))
+    table = gate.format_table(gate.regressions(decisions))
     assert "REGRESSION" in table and "ghost" in table and "x10.00" in table
-    assert regress.summary(decisions, LOOSE).startswith("regress: FAIL")
+    assert gate.summary(decisions, LOOSE).startswith("regress: FAIL")
 
 
 # -- the baseline file ---------------------------------------------------------------------------
@@ -177,8 +175,8 @@ def test_baseline_round_trip(tmp_path):
     path = tmp_path / "baseline.json"
     write_baseline(path, original)
     data = json.loads(path.read_text())
-    assert data["format"] == regress.BASELINE_FORMAT
-    assert data["regenerate_with"] == regress.UPDATE_COMMAND
+    assert data["format"] == baseline.BASELINE_FORMAT
+    assert data["regenerate_with"] == baseline.UPDATE_COMMAND
     assert data["cells"][0]["ratio_samples"] == list(cells[0].ratio_samples)
     loaded = load_baseline(path)
     assert loaded.cells == cells
@@ -209,7 +207,7 @@ def synthetic_runs(monkeypatch):
     return runs
 
 
-def gate(tmp_path, *extra):
+def run_gate(tmp_path, *extra):
     return main(
         ["regress", "--baseline", str(tmp_path / "b.json"), "--no-progress", "--impls", "ghost"]
         + list(extra)
@@ -217,41 +215,41 @@ def gate(tmp_path, *extra):
 
 
 def test_exit_codes(tmp_path, synthetic_runs, capsys):
-    assert gate(tmp_path) == 2  # no baseline yet
+    assert run_gate(tmp_path) == 2  # no baseline yet
     assert "--update-baseline" in capsys.readouterr().err
-    assert gate(tmp_path, "--update-baseline") == 0
+    assert run_gate(tmp_path, "--update-baseline") == 0
     assert load_baseline(tmp_path / "b.json").cells == [cell()]
-    assert gate(tmp_path) == 0
+    assert run_gate(tmp_path) == 0
     assert "regress: PASS" in capsys.readouterr().out
     synthetic_runs["next"] = [cell(ratio=20.0, samples=scaled(cell().ratio_samples, 10))]
-    assert gate(tmp_path, "--threshold", "1.0") == 1
+    assert run_gate(tmp_path, "--threshold", "1.0") == 1
     out = capsys.readouterr().out
     assert "REGRESSION" in out and "regress: FAIL" in out
     synthetic_runs["next"] = [cell(status="timeout")]
-    assert gate(tmp_path) == 1
+    assert run_gate(tmp_path) == 1
     # --update-baseline accepts the new state and exits 0
-    assert gate(tmp_path, "--update-baseline") == 0
+    assert run_gate(tmp_path, "--update-baseline") == 0
     assert load_baseline(tmp_path / "b.json").cells[0].status == "timeout"
-    assert gate(tmp_path) == 0
+    assert run_gate(tmp_path) == 0
 
 
 def test_confirm_keeps_only_repeated_regressions():
     base = cell()
     slow = cell(ratio=20.0, samples=scaled(base.ratio_samples, 10))
     first = decide([base], [slow], LOOSE)
-    (kept,) = regress.regressions(regress.confirm(first, decide([base], [slow], LOOSE)))
+    (kept,) = gate.regressions(gate.confirm(first, decide([base], [slow], LOOSE)))
     assert "confirmed: measured again, x10.00" in kept.note
-    dropped = only(regress.confirm(first, decide([base], [cell()], LOOSE)), "time")
-    assert dropped.verdict == UNCHANGED and dropped.note.startswith(regress.NOT_CONFIRMED)
+    dropped = only(gate.confirm(first, decide([base], [cell()], LOOSE)), "time")
+    assert dropped.verdict == UNCHANGED and dropped.note.startswith(gate.NOT_CONFIRMED)
     # a cell that timed out, then measured fine
     timed_out = decide([base], [cell(status="timeout")], LOOSE)
-    (status,) = regress.confirm(timed_out, decide([base], [cell()], LOOSE))
+    (status,) = gate.confirm(timed_out, decide([base], [cell()], LOOSE))
     assert status.verdict == UNCHANGED and "x1.00" in status.note
 
 
 def test_a_burst_that_does_not_repeat_passes(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(regress, "measure", lambda *args, **kwargs: [cell()])
-    gate(tmp_path, "--update-baseline")
+    run_gate(tmp_path, "--update-baseline")
     burst = [cell(ratio=20.0, samples=scaled(cell().ratio_samples, 10))]
     queue, sizes = [], []
 
@@ -261,25 +259,25 @@ def test_a_burst_that_does_not_repeat_passes(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(regress, "measure", measure)
     queue[:] = [burst, [cell()]]
-    assert gate(tmp_path) == 0
+    assert run_gate(tmp_path) == 0
     out = capsys.readouterr().out
     assert "measuring them again (1/1)" in out and "not confirmed" in out
     assert sizes[-1] == 1  # only the suspect cell was measured again
     queue[:] = [burst, burst]
-    assert gate(tmp_path) == 1
+    assert run_gate(tmp_path) == 1
     queue[:] = [burst]
-    assert gate(tmp_path, "--confirm", "0") == 1  # the first measurement is believed
+    assert run_gate(tmp_path, "--confirm", "0") == 1  # the first measurement is believed
     assert not queue
 
 
 def test_save_writes_the_run(tmp_path, synthetic_runs):
-    gate(tmp_path, "--update-baseline")
-    assert gate(tmp_path, "--save", str(tmp_path / "run.json")) == 0
+    run_gate(tmp_path, "--update-baseline")
+    assert run_gate(tmp_path, "--save", str(tmp_path / "run.json")) == 0
     assert load_baseline(tmp_path / "run.json").cells == [cell()]
 
 
 def test_bad_arguments_exit_2(tmp_path, synthetic_runs, capsys):
-    gate(tmp_path, "--update-baseline")
+    run_gate(tmp_path, "--update-baseline")
     capsys.readouterr()
     for extra in (
         ["--inject-slowdown", "ghost"],
@@ -292,15 +290,15 @@ def test_bad_arguments_exit_2(tmp_path, synthetic_runs, capsys):
         ["--threshold", "-1"],
         ["--alpha", "0"],
     ):
-        assert gate(tmp_path, *extra) == 2, extra
+        assert run_gate(tmp_path, *extra) == 2, extra
         err = capsys.readouterr().err
         assert err.startswith("regress: ") and err.count("\n") == 1, err
     assert main(["regress", "--baseline", str(tmp_path / "b.json"), "--impls", "nope"]) == 2
 
 
 def test_injection_wraps_only_the_named_implementation(tmp_path, synthetic_runs):
-    gate(tmp_path, "--update-baseline")
-    gate(tmp_path, "--inject-slowdown", "ghost=10", "--inject-memory", "hooks=64")
+    run_gate(tmp_path, "--update-baseline")
+    run_gate(tmp_path, "--inject-slowdown", "ghost=10", "--inject-memory", "hooks=64")
     _, settings, implementations = synthetic_runs["calls"][-1]
     assert set(implementations) == {"ghost", "hooks"}
     assert isinstance(implementations["ghost"], Injected)
@@ -356,12 +354,12 @@ def test_end_to_end_on_the_fake_case():
     fake = FakeImplementation(seconds_per_example=0.002)
     cells = plan([FAKE_CASE], ["fake", "refuses"], quantities=["norms"], batch_sizes=[4])
     implementations = {"fake": fake, "refuses": Refuses()}
-    baseline = regress.measure(cells, settings, implementations, progress=False)
-    by_name = {c.implementation: c for c in baseline}
+    reference = regress.measure(cells, settings, implementations, progress=False)
+    by_name = {c.implementation: c for c in reference}
     assert by_name["fake"].status == "ok" and len(by_name["fake"].ratio_samples) == 4
     assert by_name["refuses"].status == "unsupported"
     slowed = {**implementations, "fake": Injected(fake, 10)}
     run = regress.measure(cells, settings, slowed, progress=False)
-    verdicts = {(d.key[1], d.metric): d.verdict for d in decide(baseline, run, LOOSE)}
+    verdicts = {(d.key[1], d.metric): d.verdict for d in decide(reference, run, LOOSE)}
     assert verdicts[("fake", "time")] == REGRESSION
     assert verdicts[("refuses", "status")] == NOT_GATED

@@ -21,14 +21,20 @@ from bench.__main__ import main
 from bench.memory import memray_available
 from bench.store import ResultStore, read_table, write_atomically
 from bench.sweep import Settings, Sweep, plan
-from bench.tests.fakes import FAKE_CASE, PLAIN_SECONDS_PER_EXAMPLE, FakeImplementation, Refuses
+from bench.tests.fakes import (
+    FAKE_CASE,
+    PLAIN_SECONDS_PER_EXAMPLE,
+    FakeImplementation,
+    Refuses,
+    tiny_rows,
+)
 from bench.timing import CellTimeout, Stats, time_limit
 
 FAST = Settings(threads=1, rounds=2, min_run_time=0.02, budget_s=5.0)
 
 
 def sweep(tmp_path, implementations, batch_sizes=(16,), settings=FAST, resume=False, **kw):
-    results = ResultStore(tmp_path / "cpu", resume=resume)
+    results = ResultStore(tmp_path / "cpu", keep=resume)
     runner = Sweep(results, settings, implementations, progress=False)
     cells = plan([FAKE_CASE], list(implementations), batch_sizes=batch_sizes, **kw)
     runner.run(cells)
@@ -170,7 +176,7 @@ def test_resume_measures_only_what_is_missing(tmp_path):
     assert kept["measured_at"] == first.iloc[0]["measured_at"]
     assert kept["time_median_s"] == pytest.approx(first.iloc[0]["time_median_s"])
 
-    # without --resume the table starts afresh
+    # a store that does not keep the rows on disk starts afresh (the command's --fresh)
     results, _ = sweep(tmp_path, {"fake": fake}, batch_sizes=(64,), quantities=["norms"])
     assert list(read_table(results.path)["batch_size"]) == [64]
 
@@ -200,76 +206,10 @@ def test_plan_orders_batch_sizes_outermost():
     ]
 
 
-def _tiny_rows():
-    base = dict(
-        device="cpu",
-        case="fake",
-        quantity="norms",
-        threads=1,
-        flags="",
-        reason="",
-        memory_note="",
-        plain_median_s=0.01,
-        plain_peak_bytes=2**20,
-        n_samples=3,
-        check_error=1e-7,
-    )
-    rows = []
-    for b in (16, 32):
-        rows += [
-            dict(
-                base,
-                implementation="slowpoke",
-                batch_size=b,
-                status="ok",
-                correct="ok",
-                time_median_s=0.05,
-                ratio=5.0,
-                memory_peak_bytes=5 * 2**20,
-                memory_ratio=5.0,
-            ),
-            dict(
-                base,
-                implementation="quick",
-                batch_size=b,
-                status="ok",
-                correct="ok",
-                time_median_s=0.012,
-                ratio=1.2,
-                memory_peak_bytes=2**20,
-                memory_ratio=1.0,
-                flags="noisy: IQR 12% of median" if b == 32 else "",
-            ),
-            dict(
-                base,
-                implementation="liar",
-                batch_size=b,
-                status="ok",
-                correct="WRONG",
-                check_error=0.5,
-                time_median_s=0.001,
-                ratio=0.1,
-                memory_peak_bytes=1,
-                memory_ratio=0.0,
-            ),
-        ]
-    rows.append(
-        dict(
-            base,
-            implementation="slowpoke",
-            batch_size=64,
-            status="timeout",
-            correct="ok",
-            reason="ran past its 1 s budget",
-        )
-    )
-    return rows
-
-
 def test_report_from_a_tiny_table(tmp_path):
     folder = tmp_path / "cpu"
     folder.mkdir()
-    (folder / store.TABLE_NAME).write_text(store.to_frame(_tiny_rows()).to_csv(index=False))
+    (folder / store.TABLE_NAME).write_text(store.to_frame(tiny_rows()).to_csv(index=False))
     (folder / store.ENVIRONMENT_NAME).write_text(
         json.dumps({"versions": {"torch": "x"}, "threads": 1})
     )
@@ -284,7 +224,7 @@ def test_report_from_a_tiny_table(tmp_path):
     assert "timeout" in text and "ran past its 1 s budget" in text
     assert "oracle check **WRONG**" in text
     assert "5.00x (5 MiB)" in text
-    if report.plot_case(pd.DataFrame(_tiny_rows()), tmp_path / "probe.png") is not None:
+    if report.plot_case(pd.DataFrame(tiny_rows()), tmp_path / "probe.png") is not None:
         assert (folder / "plots" / "fake.png").stat().st_size > 1000
         assert "](cpu/plots/fake.png)" in text
 

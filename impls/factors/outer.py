@@ -228,14 +228,10 @@ def outer_inner(left: Outer, right: Outer, same: bool, keep: dict | None = None)
         return gram(left.materialize().flatten(1), None if same else right.materialize().flatten(1))
     g_l, a_l, g_r, a_r = overlap
     n, groups, t, o = g_l.shape
-    m, s, i = g_r.shape[0], g_r.shape[2], a_l.shape[3]
+    m, s = g_r.shape[0], g_r.shape[2]
     if o == 0:
         return g_l.new_zeros(n, m)
-    factored = n * m * groups * t * s * ((i + o) * COSTS.gemm + COSTS.elementwise)
-    build = (n * t if same else n * t + m * s) * COSTS.materialise
-    products = n * m * COSTS.gemm
-    materialised = groups * i * o * (build + products)
-    if COSTS.factored_is_cheaper(factored, materialised):
+    if COSTS.factored_is_cheaper(*inner_costs(left, right, same)):
         if t == 1 and s == 1 and groups == 1:
             # (a_n·a'_m)(g_n·g'_m); g_n·g'_m is also the bias's inner product
             grads = gram(g_l[:, 0, 0], None if same else g_r[:, 0, 0])
@@ -243,6 +239,10 @@ def outer_inner(left: Outer, right: Outer, same: bool, keep: dict | None = None)
                 keep["gradient_products"] = grads
             return gram(a_l[:, 0, 0], None if same else a_r[:, 0, 0]) * grads
         return _outer_inner_factored(g_l, a_l, g_r, a_r)
+    if _tileable(left) and _tileable(right) and left.shape == right.shape:
+        from impls.factors.blocks import tiled_gram
+
+        return tiled_gram([left], None if same else [right])
     reuse = not (torch.is_grad_enabled() and (g_l.requires_grad or a_l.requires_grad))
     total = None
     if same:
@@ -260,6 +260,20 @@ def outer_inner(left: Outer, right: Outer, same: bool, keep: dict | None = None)
     if same and total is not None:
         return _symmetric(total)
     return total
+
+
+def _tileable(f: Outer) -> bool:
+    return f.groups == 1 and len(f.shape) == 2 and (f.full or not f.transposed)
+
+
+def inner_costs(left: Outer, right: Outer, same: bool) -> tuple[float, float]:
+    """(factored, materialised) cost of ⟨left_n, right_m⟩ for all pairs."""
+    n, groups, t, o = left.gradients.shape
+    m, s, i = right.gradients.shape[0], right.gradients.shape[2], left.activations.shape[3]
+    factored = n * m * groups * t * s * ((i + o) * COSTS.gemm + COSTS.elementwise)
+    build = (n * t if same else n * t + m * s) * COSTS.materialise
+    products = n * m * COSTS.gemm
+    return factored, groups * i * o * (build + products)
 
 
 def _symmetric(x: Tensor) -> Tensor:

@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 from torch import Tensor
 
+from impls.factors import blocks
 from impls.factors.base import Factors, Sum
 from impls.factors.costs import gram
 from impls.factors.indexed import (
@@ -64,6 +65,8 @@ def inner(left: Factors, right: Factors, *, same: bool = False) -> Tensor:
     ``same``: ``left is right`` (a Gram matrix); the result is symmetric and computed so.
     """
     if isinstance(left, Sum) and same:
+        if blocks.materialising_is_cheaper(left.parts, same=True):
+            return blocks.tiled_gram(left.parts, None)
         total = None
         for k, f in enumerate(left.parts):
             value = inner(f, f, same=True)
@@ -72,6 +75,10 @@ def inner(left: Factors, right: Factors, *, same: bool = False) -> Tensor:
                 value = value + cross + cross.T
             total = value if total is None else total + value
         return total
+    if isinstance(left, Sum) and isinstance(right, Sum):
+        parts = [*left.parts, *right.parts]
+        if left.shape == right.shape and blocks.materialising_is_cheaper(parts, same=False):
+            return blocks.tiled_gram(left.parts, right.parts)
     if isinstance(left, Sum):
         return sum(inner(f, right) for f in left.parts)
     if isinstance(right, Sum):

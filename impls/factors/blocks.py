@@ -58,13 +58,13 @@ class _Tiles:
             values = factors.materialize()
             self.dense = values[:, :, start : start + width].transpose(1, 2)  # [n, c, rows]
 
-    def add_to(self, tile: Tensor | None, start: int, height: int, like: Tensor,
+    def add_to(self, tile: Tensor | None, start: int, height: int, differentiable: bool,
                buffer: Tensor | None = None) -> Tensor | None:  # fmt: skip
         """``tile`` + this factor's [n, c, height] tile for rows start..start+height (``tile``
         None: this factor's tile alone, written into ``buffer`` when given, or None where the
         factor is zero there)."""
         f = self.factors
-        in_place = tile is not None and not (torch.is_grad_enabled() and _needs_grad(like))
+        in_place = tile is not None and not differentiable
         if isinstance(f, Outer):
             lo, hi = max(start, self.first), min(start + height, self.first + self.height)
             if hi <= lo:
@@ -83,8 +83,8 @@ class _Tiles:
             a, b = torch.searchsorted(self.row, torch.tensor([start, start + height],
                                                              device=self.row.device)).tolist()
             if tile is None:
-                tile = like.new_zeros(self.n, self.values.shape[1], height)
-                in_place = not (torch.is_grad_enabled() and _needs_grad(like))
+                tile = self.values.new_zeros(self.n, self.values.shape[1], height)
+                in_place = not differentiable
             if a == b:
                 return tile
             where = (self.example[a:b], self.row[a:b] - start)
@@ -97,10 +97,6 @@ class _Tiles:
         return part if tile is None else (tile.add_(part) if in_place else tile + part)
 
 
-def _needs_grad(x: Tensor) -> bool:
-    return x.requires_grad
-
-
 def tiled_gram(left: list[Factors], right: list[Factors] | None) -> Tensor:
     """⟨Σ_k left_k, Σ_l right_l⟩ for every pair of examples, [n, m] (``right=None``: the Gram
     matrix of the left sum, symmetric)."""
@@ -111,25 +107,29 @@ def tiled_gram(left: list[Factors], right: list[Factors] | None) -> Tensor:
     height = max(1, min(rows, costs.MATERIALISE_ELEMENTS // max(1, (n + m) * width)))
     total = None
     buffers = _Buffers(_reference(left))
+    # with a graph to keep (create_graph) no buffer is reused or written in place
+    differentiable = torch.is_grad_enabled() and any(
+        t.requires_grad for f in (*left, *(right or ())) for t in _tensors(f)
+    )
+    reuse = not differentiable
     for k in range(0, columns, width):
         c = min(width, columns - k)
         left_tiles = [_Tiles(f, k, c) for f in left]
         right_tiles = None if right is None else [_Tiles(f, k, c) for f in right]
-        like = _reference(left)
-        reuse = not (torch.is_grad_enabled() and like.requires_grad)
         for j in range(0, rows, height):
             r = min(height, rows - j)
-            a = _sum(left_tiles, j, r, like, buffers.get("left", (n, c, r)) if reuse else None)
+            a = _sum(left_tiles, j, r, differentiable,
+                     buffers.get("left", (n, c, r)) if reuse else None)  # fmt: skip
             b = a
             if right_tiles is not None:
                 buffer = buffers.get("right", (m, c, r)) if reuse else None
-                b = _sum(right_tiles, j, r, like, buffer)
+                b = _sum(right_tiles, j, r, differentiable, buffer)
             if a is None or b is None:
                 continue
             a, b = a.reshape(n, -1), b.reshape(m, -1)
             if total is None:
                 total = a @ b.T
-            elif torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
+            elif differentiable:
                 total = total + a @ b.T
             else:
                 total.addmm_(a, b.T)
@@ -142,12 +142,13 @@ def tiled_gram(left: list[Factors], right: list[Factors] | None) -> Tensor:
     return total
 
 
-def _sum(tiles: list[_Tiles], start: int, height: int, like: Tensor,
+def _sum(tiles: list[_Tiles], start: int, height: int, differentiable: bool,
          buffer: Tensor | None) -> Tensor | None:  # fmt: skip
     """Σ of the factors' tiles, Outers first (their product is the buffer the others add to)."""
     total = None
     for tiles_of in sorted(tiles, key=lambda t: not isinstance(t.factors, Outer)):
-        total = tiles_of.add_to(total, start, height, like, buffer if total is None else None)
+        first = buffer if total is None else None
+        total = tiles_of.add_to(total, start, height, differentiable, first)
     return total
 
 
@@ -162,6 +163,14 @@ class _Buffers:
         if key not in self.held:
             self.held[key] = self.like.new_empty(shape)
         return self.held[key]
+
+
+def _tensors(f: Factors) -> list[Tensor]:
+    if isinstance(f, Outer):
+        return [f.gradients, f.activations]
+    if isinstance(f, Indexed):
+        return [f.values]
+    return [f.materialize()]
 
 
 def _reference(factors: list[Factors]) -> Tensor:

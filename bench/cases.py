@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from functools import partial
 
-from correctness import losses, models
+from correctness import hf_models, losses, models
 from correctness.cases import Case, features_and_classes, tokens_and_classes
 
 CE = losses.cross_entropy
@@ -58,6 +58,20 @@ BENCH_CASES: list[Case] = [
     ),
 ]
 
+#: a real model: Hugging Face GPT-2 (default position ids broadcast over the batch, lm_head
+#: tied to wte), built locally at a small size, on sequences of 128 tokens
+GPT2 = dict(vocab=8192, dim=256, layers=4, heads=4, positions=128)
+if hf_models.available():
+    BENCH_CASES.append(
+        Case(
+            "gpt2",
+            partial(hf_models.gpt2_lm, **GPT2),
+            partial(hf_models.tokens, length=GPT2["positions"], vocab=GPT2["vocab"]),
+            losses.next_token_cross_entropy,
+            tags=("hf", "shared", "tied"),
+        )
+    )
+
 #: one line per case for the report
 DESCRIPTIONS = {
     "mlp_mnist": "MLP 784-512-512-10 (ReLU) on MNIST-shaped inputs [B, 784], 10 classes",
@@ -67,6 +81,8 @@ DESCRIPTIONS = {
     "(LayerNorm, 4-head nn.MultiheadAttention, MLP 64-256-64), LayerNorm, mean pool, Linear",
     "transformer_t256": "the same transformer at T=256 tokens",
     "lstm": "LSTM (32 features -> 128 hidden, 32 steps), Linear head on the last step",
+    "gpt2": "Hugging Face GPT2LMHeadModel (n_embd 256, 4 layers, 4 heads, vocabulary 8192, "
+    "lm_head tied to wte, default position ids), next-token loss on T=128, model(**batch)",
 }
 
 #: CPU default batch sizes per case: the full ladder where a plain step is cheap, shorter where
@@ -78,17 +94,30 @@ CPU_BATCH_SIZES = {
     "transformer_t64": (16, 32, 64, 128),
     "transformer_t256": (16, 32),
     "lstm": (16, 32, 64, 128, 256),
+    "gpt2": (16, 32),
 }
+
+#: cases whose plain step alone takes seconds get a longer cell budget (a multiple of the
+#: settings' ``budget_s``), so that a cell still fits a few interleaved rounds
+BUDGET_SCALE = {"gpt2": 6.0}
 
 BY_NAME = {case.name: case for case in BENCH_CASES}
 assert len(BY_NAME) == len(BENCH_CASES), "bench case names must be unique"
-assert set(DESCRIPTIONS) == set(BY_NAME) == set(CPU_BATCH_SIZES)
+assert set(BY_NAME) <= set(DESCRIPTIONS) and set(BY_NAME) <= set(CPU_BATCH_SIZES)
 
 
 def get_case(name: str) -> Case:
     if name not in BY_NAME:
         raise KeyError(f"unknown bench case '{name}'; known: {', '.join(BY_NAME)}")
     return BY_NAME[name]
+
+
+def budget_scale(case) -> float:
+    """How many times the settings' cell budget a bench case gets (1 for any other case, a
+    user's model in ``compare`` included)."""
+    if BY_NAME.get(case.name) is not case:
+        return 1.0
+    return BUDGET_SCALE.get(case.name, 1.0)
 
 
 def default_batch_sizes(case_name: str, device: str) -> tuple[int, ...]:

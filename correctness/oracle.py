@@ -55,20 +55,30 @@ def batch_size_of(inputs) -> int:
 
 
 def per_example_gradients(
-    model: nn.Module, loss_fn, batch, *, reference: nn.Module | None = None
+    model: nn.Module,
+    loss_fn,
+    batch,
+    *,
+    reference: nn.Module | None = None,
+    in_model_dtype: bool = False,
 ) -> dict[str, Tensor]:
-    """name -> float64 Tensor[B, *shape] over the trainable parameters (first name of a tied one).
+    """name -> Tensor[B, *shape] over the trainable parameters (first name of a tied one), in
+    float64.
 
     Raises ``impls.Unsupported`` when per-example gradients are undefined (BatchNorm in train
     mode). With ``reference`` (a float64 copy of the model) the gradients keep their graph, so
-    they can be differentiated again w.r.t. the reference's parameters.
+    they can be differentiated again w.r.t. the reference's parameters. ``in_model_dtype``: the
+    same loop in the model's own dtype (how far a plain per-example loop in, say, float32 is from
+    float64 on this model: the rounding any implementation in that dtype is allowed).
     """
     check_per_example_gradients_defined(model)
     create_graph = reference is not None
-    reference = reference if create_graph else copy.deepcopy(model).double()
+    if not create_graph:
+        reference = copy.deepcopy(model) if in_model_dtype else copy.deepcopy(model).double()
     params = {n: p for n, p in reference.named_parameters() if p.requires_grad}
     inputs, targets = batch
-    inputs, targets = _to_float64(inputs), _to_float64(targets)
+    if not in_model_dtype:
+        inputs, targets = _to_float64(inputs), _to_float64(targets)
     size = batch_size_of(inputs)
     rows = []
     for i in range(size):
@@ -82,8 +92,11 @@ def per_example_gradients(
                 for p, g in zip(params.values(), grads, strict=False)
             ]
         )
+    dtype = None if in_model_dtype else torch.float64
     return {
-        n: torch.stack([r[k] for r in rows]) if rows else torch.zeros(0, *p.shape).double()
+        n: (torch.stack([r[k] for r in rows]) if rows else torch.zeros(0, *p.shape)).to(
+            dtype or p.dtype
+        )
         for k, (n, p) in enumerate(params.items())
     }
 

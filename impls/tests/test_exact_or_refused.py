@@ -23,7 +23,7 @@ import impls
 from correctness import oracle
 from correctness.harness import relative_error
 from impls import Unsupported
-from impls._peer_support import library_errors
+from impls.peers.support import library_errors
 
 NAMES = impls.names()
 DOUBLE = torch.float64

@@ -43,21 +43,9 @@ from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd
 from torch.utils._pytree import tree_flatten
 
-from impls._peer_support import (
-    ForwardWatch,
-    disable_inplace,
-    label,
-    library_errors,
-    quiet,
-    refuse_tied_parameters,
-)
-from impls.base import (
-    MaterializingImplementation,
-    Side,
-    Unsupported,
-    differentiate,
-    per_example_losses,
-)
+from impls.base import MaterializingImplementation, Side, Unsupported
+from impls.peers.run import LibraryRun, read_result
+from impls.peers.support import ForwardWatch, disable_inplace, label, refuse_tied_parameters
 
 
 def _extension_table() -> dict[type, Any]:
@@ -126,25 +114,46 @@ def _grouped_convolution(model: nn.Module) -> bool:
     return any(isinstance(m, _ConvNd) and m.groups > 1 for m in model.modules())
 
 
-def _backpack_run(side: Side, loss_fn, extension, savefield: str) -> dict[str, Tensor]:
-    """One forward and backward with ``extension`` active.
+class BackPACKRun(LibraryRun):
+    """One forward and backward with a BackPACK extension active; ``collect`` gives parameter
+    name -> ``p.<savefield>``: Tensor[B] (batch_l2) or Tensor[B, *shape] (grad_batch)."""
 
-    Returns parameter name -> ``p.<savefield>``: Tensor[B] (batch_l2) or Tensor[B, *shape]
-    (grad_batch); zeros for a parameter that does not reach the loss.
-    """
-    modules = _extended_modules(side)
-    disable_inplace(side.model)  # preserved_model puts the flags back
-    b = side.batch_size
+    library, package = "BackPACK", "backpack"
 
-    def check(name, module, args, kwargs):
-        if watch.calls[id(module)] > 1:
+    def __init__(self, side: Side, loss_fn, extension, savefield: str):
+        super().__init__(side, loss_fn)
+        self.extension, self.savefield = extension, savefield
+        self.modules = _extended_modules(side)
+        disable_inplace(side.model)  # preserved_model puts the flags back
+        self.unseen: list[str] = []  # modules whose further outputs (h_n, c_n) got gradient
+        # BackPACK's marks (_backpack_extend, input0, output) and results must not survive this
+        # run: a second run in the same call (another batch) would find the modules "already
+        # extended" and read the first run's results
+        self.known = {id(h) for h in CTX.hook_handles}
+        self.attributes = {id(m): set(vars(m)) for _, m in self.modules}
+        self.earlier = {
+            id(p): p.__dict__.pop(savefield) for p in side.params.values() if savefield in vars(p)
+        }
+
+    def attach(self):
+        for _, module in self.modules:
+            extend(module)
+
+    def watch(self):
+        covered = [(name, m, list(m.parameters(recurse=False))) for name, m in self.modules]
+        watch = ForwardWatch(self.side.params, covered, self._check, self._after)
+        self._watch = watch
+        return watch
+
+    def _check(self, name, module, args, kwargs):
+        if self._watch.calls[id(module)] > 1:
             raise Unsupported(
                 f"{label(name, module)} is called more than once per forward: BackPACK keeps the "
                 "inputs of one call"
             )
         if not args:
             raise Unsupported(f"{label(name, module)} is called without positional inputs")
-        watch.check_batch_axis(name, module, args[0])
+        self._watch.check_batch_axis(name, module, args[0])
         if isinstance(module, nn.RNNBase) and (
             any(a is not None for a in args[1:]) or kwargs.get("hx") is not None
         ):
@@ -153,73 +162,48 @@ def _backpack_run(side: Side, loss_fn, extension, savefield: str) -> dict[str, T
                 "assume a zero one"
             )
 
-    unseen: list[str] = []  # modules whose further outputs (h_n, c_n) received gradient
-
-    def after(name, module, args, kwargs, output):
+    def _after(self, name, module, args, kwargs, output):
         # BackPACK reads the gradient of the first output only (an RNN's sequence): a gradient
         # reaching h_n / c_n would be left out of its per-example gradients
         rest, _ = tree_flatten(output[1:] if isinstance(output, tuple) else ())
         what = label(name, module)
         for tensor in rest:
             if isinstance(tensor, Tensor) and tensor.requires_grad:
-                tensor.register_hook(lambda grad: unseen.append(what))
+                tensor.register_hook(lambda grad: self.unseen.append(what))
 
-    covered = [(name, m, list(m.parameters(recurse=False))) for name, m in modules]
-    watch = ForwardWatch(side.params, covered, check, after)
-    known = {id(h) for h in CTX.hook_handles}
-    # BackPACK's marks (_backpack_extend, input0, output) and results must not survive this run:
-    # a second run in the same call (another batch) would find the modules "already extended"
-    # and read the first run's results
-    attributes = {id(m): set(vars(m)) for _, m in modules}
-    earlier = {
-        id(p): p.__dict__.pop(savefield) for p in side.params.values() if savefield in vars(p)
-    }
-    try:
-        with library_errors("BackPACK", "backpack"), quiet("backpack"):
-            for _, module in modules:
-                extend(module)
-        with torch.enable_grad(), quiet("backpack"), backpack(extension):
-            watch.track_batch(side.batched_tensors(), b)
-            with watch:
-                with library_errors("BackPACK", "backpack"):
-                    outputs = side.call_model()
-                losses = per_example_losses(loss_fn, outputs, side.targets, b)
-            if losses.requires_grad:
-                with library_errors("BackPACK", "backpack"):
-                    differentiate(losses.sum(), list(side.params.values()), allow_unused=True)
-        if unseen:
+    def context(self):
+        return backpack(self.extension)
+
+    def after_backward(self, watch):
+        if self.unseen:
             raise Unsupported(
-                f"the loss depends on a later output of {unseen[0]} (h_n / c_n): BackPACK only "
-                "backpropagates the output sequence"
+                f"the loss depends on a later output of {self.unseen[0]} (h_n / c_n): BackPACK "
+                "only backpropagates the output sequence"
             )
-        return {n: _result(n, p, savefield, b) for n, p in side.params.items()}
-    finally:
-        watch.remove()
+
+    def collect(self):
+        b, field = self.side.batch_size, self.savefield
+        return {
+            n: read_result(
+                "BackPACK", field, n, getattr(p, field, None),
+                (b,) if field == "batch_l2" else (b, *p.shape), p,
+            )  # fmt: skip
+            for n, p in self.side.params.items()
+        }
+
+    def detach(self):
         # BackPACK keeps every hook handle of extend() in a process-wide list: take ours out
-        ours = [h for h in CTX.hook_handles if id(h) not in known]
+        ours = [h for h in CTX.hook_handles if id(h) not in self.known]
         for handle in ours:
             handle.remove()
-        CTX.hook_handles = [h for h in CTX.hook_handles if id(h) in known]
-        for _, module in modules:
-            for key in set(vars(module)) - attributes[id(module)]:
+        CTX.hook_handles = [h for h in CTX.hook_handles if id(h) in self.known]
+        for _, module in self.modules:
+            for key in set(vars(module)) - self.attributes[id(module)]:
                 delattr(module, key)
-        for p in side.params.values():
-            p.__dict__.pop(savefield, None)
-            if id(p) in earlier:
-                setattr(p, savefield, earlier[id(p)])
-
-
-def _result(name: str, p: nn.Parameter, savefield: str, batch_size: int) -> Tensor:
-    value = getattr(p, savefield, None)
-    shape = (batch_size,) if savefield == "batch_l2" else (batch_size, *p.shape)
-    if value is None:  # no hook fired: the parameter does not reach the loss
-        return torch.zeros(shape, dtype=p.dtype, device=p.device)
-    if tuple(value.shape) != shape:
-        raise Unsupported(
-            f"BackPACK returned {savefield} of shape {tuple(value.shape)} for '{name}' "
-            f"(expected {shape})"
-        )
-    return value
+        for p in self.side.params.values():
+            p.__dict__.pop(self.savefield, None)
+            if id(p) in self.earlier:
+                setattr(p, self.savefield, self.earlier[id(p)])
 
 
 class BackPACK(MaterializingImplementation):
@@ -232,7 +216,7 @@ class BackPACK(MaterializingImplementation):
         if _grouped_convolution(side.model):
             # BatchL2Grad's conv formula ignores groups: square BatchGrad's gradients instead
             return super()._squared_norms(side, loss_fn, create_graph)
-        return _backpack_run(side, loss_fn, BatchL2Grad(), "batch_l2")
+        return BackPACKRun(side, loss_fn, BatchL2Grad(), "batch_l2").run()
 
     def _grad_samples(self, side: Side, loss_fn, create_graph: bool) -> dict[str, Tensor]:
-        return _backpack_run(side, loss_fn, BatchGrad(), "grad_batch")
+        return BackPACKRun(side, loss_fn, BatchGrad(), "grad_batch").run()

@@ -1,4 +1,4 @@
-"""What the peer adapters (``opacus_adapter``, ``backpack_adapter``) share.
+"""What the peer adapters (``impls.peers.opacus``, ``impls.peers.backpack``) share.
 
 Both libraries compute per-example quantities from module hooks, so both are blind to the same
 things: a parameter used outside the forward of the module that owns it, a module called on a
@@ -23,17 +23,13 @@ from torch import Tensor, nn
 
 from impls._layouts import Layout, Lost
 from impls._watch import BatchWatch, tensor_arguments
+from impls._watch import describe_module as label
 from impls.base import Unsupported
 
 #: ``check(name, module, args, kwargs)`` before a watched call, raising Unsupported to refuse it
 CallCheck = Callable[[str, nn.Module, tuple, dict], None]
 #: ``after(name, module, args, kwargs, output)`` once a watched call returned
 AfterCall = Callable[[str, nn.Module, tuple, dict, Any], None]
-
-
-def label(name: str, module: nn.Module) -> str:
-    """``"Linear 'encoder.fc'"``: how refusals name a module."""
-    return f"{type(module).__name__} '{name or type(module).__name__}'"
 
 
 def one_line(exc: BaseException, limit: int = 240) -> str:

@@ -607,7 +607,7 @@ class Capture:
                 w = use.wanted[role]
                 resolved = self.resolve(w)
                 if resolved is None:  # a weight computed from parameters: pushed back later
-                    derived.append((w, factors.materialize()))
+                    derived.append((w, factors.materialise()))
                     continue
                 name, row = resolved
                 p = self.side.params[name]

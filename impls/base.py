@@ -310,7 +310,7 @@ class Implementation:
         return f"<pegbench implementation '{self.name}'>"
 
 
-class MaterializingImplementation(Implementation):
+class MaterialisingImplementation(Implementation):
     """An implementation that builds every example's gradient, then reduces it.
 
     Subclasses implement ``_grad_samples``: dict name -> Tensor[B, *param.shape].

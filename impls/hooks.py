@@ -11,10 +11,10 @@ from __future__ import annotations
 import torch
 
 from impls._capture import parameter_factors
-from impls.base import MaterializingImplementation
+from impls.base import MaterialisingImplementation
 
 
-class Hooks(MaterializingImplementation):
+class Hooks(MaterialisingImplementation):
     name = "hooks"
     differentiable = False
 
@@ -23,7 +23,7 @@ class Hooks(MaterializingImplementation):
 
         def consume(group):
             for name, factors in group.items():
-                samples[name] = factors.materialize()
+                samples[name] = factors.materialise()
 
         parameter_factors(side, loss_fn, create_graph, consume)
         n = side.batch_size

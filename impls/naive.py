@@ -5,14 +5,14 @@ from __future__ import annotations
 import torch
 
 from impls.base import (
-    MaterializingImplementation,
+    MaterialisingImplementation,
     differentiate,
     example_slice,
     per_example_losses,
 )
 
 
-class NaiveLoop(MaterializingImplementation):
+class NaiveLoop(MaterialisingImplementation):
     name = "naive"
     differentiable = True
 

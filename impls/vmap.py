@@ -13,7 +13,7 @@ import torch
 from torch.func import functional_call, grad, vmap
 from torch.overrides import TorchFunctionMode
 
-from impls.base import MaterializingImplementation, Unsupported, per_example_losses
+from impls.base import MaterialisingImplementation, Unsupported, per_example_losses
 
 # Ops whose double backward under vmap(grad) is wrong in torch.func (found by the harness's
 # double_backward check: ~1e-2 relative error through an affine LayerNorm / RMSNorm, torch 2.13).
@@ -38,7 +38,7 @@ class _SpotOps(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-class Vmap(MaterializingImplementation):
+class Vmap(MaterialisingImplementation):
     name = "vmap"
     differentiable = True
 

@@ -17,20 +17,20 @@ class Factors:
     batch_size: int
     shape: torch.Size
 
-    def materialize(self) -> Tensor:
+    def materialise(self) -> Tensor:
         """Tensor[n, *shape]: every example's gradient."""
         raise NotImplementedError
 
     def squared_norms(self) -> Tensor:
         """Tensor[n]: ‖example n's gradient‖²."""
-        return squared_row_norms(self.materialize().flatten(1))
+        return squared_row_norms(self.materialise().flatten(1))
 
     def placed(self, shape: torch.Size, row_start: int) -> Factors:
         """The same gradients as rows ``row_start``.. of a parameter of ``shape`` (zeros
         elsewhere): a use that read a row slice of the parameter."""
         if row_start == 0 and tuple(shape) == tuple(self.shape):
             return self
-        values = self.materialize()
+        values = self.materialise()
         n, height = values.shape[0], values.shape[1]
         inner = values[0].numel() // max(height, 1)
         flat = values.reshape(n, height, inner)
@@ -52,7 +52,7 @@ class Dense(Factors):
     def shape(self) -> torch.Size:
         return self.values.shape[1:]
 
-    def materialize(self) -> Tensor:
+    def materialise(self) -> Tensor:
         return self.values
 
     def squared_norms(self) -> Tensor:
@@ -73,8 +73,8 @@ class Sum(Factors):
     def shape(self) -> torch.Size:
         return self.parts[0].shape
 
-    def materialize(self) -> Tensor:
-        return sum(p.materialize() for p in self.parts)
+    def materialise(self) -> Tensor:
+        return sum(p.materialise() for p in self.parts)
 
     def squared_norms(self) -> Tensor:
         from impls.factors.pairs import diagonal

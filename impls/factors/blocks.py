@@ -55,7 +55,7 @@ class _Tiles:
             self.example, self.row = example[order], row[order]
             self.values = values[order][:, start : start + width]  # [p, c]
         else:
-            values = factors.materialize()
+            values = factors.materialise()
             self.dense = values[:, :, start : start + width].transpose(1, 2)  # [n, c, rows]
 
     def add_to(self, tile: Tensor | None, start: int, height: int, differentiable: bool,
@@ -134,7 +134,7 @@ def tiled_gram(left: list[Factors], right: list[Factors] | None) -> Tensor:
             else:
                 total.addmm_(a, b.T)
     if total is None:
-        reference = left[0].materialize()
+        reference = left[0].materialise()
         return reference.new_zeros(n, m)
     if right is None:
         upper = total.triu()
@@ -170,7 +170,7 @@ def _tensors(f: Factors) -> list[Tensor]:
         return [f.gradients, f.activations]
     if isinstance(f, Indexed):
         return [f.values]
-    return [f.materialize()]
+    return [f.materialise()]
 
 
 def _reference(factors: list[Factors]) -> Tensor:
@@ -180,7 +180,7 @@ def _reference(factors: list[Factors]) -> Tensor:
         return f.gradients
     if isinstance(f, Indexed):
         return f.values
-    return f.materialize()
+    return f.materialise()
 
 
 def materialising_is_cheaper(parts: list[Factors], same: bool) -> bool:

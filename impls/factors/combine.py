@@ -43,7 +43,7 @@ def _join(a: Factors, b: Factors) -> Factors | None:
             return Outer(gradients, activations, a.shape, a.row_start, a.transposed)
         return None
     if isinstance(a, (Dense, GradientSums)) and isinstance(b, (Dense, GradientSums)):
-        return Dense(a.materialize() + b.materialize())
+        return Dense(a.materialise() + b.materialise())
     if isinstance(a, Indexed) and isinstance(b, Indexed) and a.num_rows == b.num_rows:
         keep = None
         if a.keep is not None or b.keep is not None:

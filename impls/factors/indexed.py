@@ -79,7 +79,7 @@ class Indexed(Factors):
             return super().placed(shape, row_start)
         return Indexed(self.rows + row_start, self.values, shape[0], self.keep)
 
-    def materialize(self) -> Tensor:
+    def materialise(self) -> Tensor:
         n, v, d = self.batch_size, self.num_rows, self.values.shape[-1]
         _, _, values = self.entries()
         flat = values.new_zeros(n * v, d).index_add(0, self.keys, values)
@@ -137,7 +137,7 @@ def indexed_inner(left: Indexed, right: Indexed, same: bool) -> Tensor:
     dense = (n * v * d + (0 if same else m * v * d)) * COSTS.elementwise
     dense += n * m * v * d * COSTS.gemm
     if not COSTS.factored_is_cheaper(by_blocks, dense):
-        return gram(left.materialize().flatten(1), None if same else right.materialize().flatten(1))
+        return gram(left.materialise().flatten(1), None if same else right.materialise().flatten(1))
     # tokens in buckets of equal (capacity left, capacity right), capacities powers of two: one
     # batched product per bucket, padding at most doubling each side
     buckets = torch.log2(caps_l.double()).long() * 64 + torch.log2(caps_r.double()).long()

@@ -78,7 +78,7 @@ class Outer(Factors):
     def squared_norms(self) -> Tensor:
         return outer_diagonal(self, self)
 
-    def materialize(self) -> Tensor:
+    def materialise(self) -> Tensor:
         n = self.batch_size
         blocks = (self.gradients.transpose(2, 3) @ self.activations).reshape(
             n, -1, self.features[1]
@@ -117,7 +117,7 @@ class GradientSums(Factors):
             self._sums = sums if self.scale == 1.0 else sums * self.scale
         return self._sums
 
-    def materialize(self) -> Tensor:
+    def materialise(self) -> Tensor:
         return self.sums().reshape(self.batch_size, *self.shape)
 
     def squared_norms(self) -> Tensor:
@@ -154,7 +154,7 @@ def outer_diagonal(left: Outer, right: Outer, keep: dict | None = None) -> Tenso
     """
     overlap = _row_overlap(left, right)
     if overlap is None:
-        return (left.materialize().flatten(1) * right.materialize().flatten(1)).sum(1)
+        return (left.materialise().flatten(1) * right.materialise().flatten(1)).sum(1)
     g_l, a_l, g_r, a_r = overlap
     n, groups, t, o = g_l.shape
     s, i = g_r.shape[2], a_l.shape[3]
@@ -225,7 +225,7 @@ def outer_inner(left: Outer, right: Outer, same: bool, keep: dict | None = None)
     factored form of single-position factors formed them (the bias's inner products)."""
     overlap = _row_overlap(left, right)
     if overlap is None:
-        return gram(left.materialize().flatten(1), None if same else right.materialize().flatten(1))
+        return gram(left.materialise().flatten(1), None if same else right.materialise().flatten(1))
     g_l, a_l, g_r, a_r = overlap
     n, groups, t, o = g_l.shape
     m, s = g_r.shape[0], g_r.shape[2]
@@ -345,4 +345,4 @@ def layer_inner(
 
 
 def dense_of(factors: Factors) -> Dense:
-    return factors if isinstance(factors, Dense) else Dense(factors.materialize())
+    return factors if isinstance(factors, Dense) else Dense(factors.materialise())

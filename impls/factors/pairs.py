@@ -87,7 +87,7 @@ def inner(left: Factors, right: Factors, *, same: bool = False) -> Tensor:
     value = reduce(left, right, same) if reduce is not None else None
     if value is not None:
         return value
-    return gram(left.materialize().flatten(1), None if same else right.materialize().flatten(1))
+    return gram(left.materialise().flatten(1), None if same else right.materialise().flatten(1))
 
 
 def diagonal(left: Factors, right: Factors) -> Tensor:
@@ -104,4 +104,4 @@ def diagonal(left: Factors, right: Factors) -> Tensor:
     value = reduce(left, right) if reduce is not None else None
     if value is not None:
         return value
-    return (left.materialize().flatten(1) * right.materialize().flatten(1)).sum(1)
+    return (left.materialise().flatten(1) * right.materialise().flatten(1)).sum(1)

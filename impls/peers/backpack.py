@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd
 from torch.utils._pytree import tree_flatten
 
-from impls.base import MaterializingImplementation, Side, Unsupported
+from impls.base import MaterialisingImplementation, Side, Unsupported
 from impls.peers.run import LibraryRun, read_result
 from impls.peers.support import ForwardWatch, disable_inplace, label, refuse_tied_parameters
 
@@ -206,7 +206,7 @@ class BackPACKRun(LibraryRun):
                 setattr(p, self.savefield, self.earlier[id(p)])
 
 
-class BackPACK(MaterializingImplementation):
+class BackPACK(MaterialisingImplementation):
     """BackPACK: norms from BatchL2Grad (``p.batch_l2``), inner products from BatchGrad."""
 
     name = "backpack"

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from impls.base import Implementation, MaterializingImplementation, Side, Unsupported
+from impls.base import Implementation, MaterialisingImplementation, Side, Unsupported
 from impls.peers.opacus_plan import (
     GhostModule,
     GradSampleModule,
@@ -133,7 +133,7 @@ def _per_example(name: str, p: nn.Parameter, batch_size: int, ghost: bool) -> Te
     )
 
 
-class Opacus(MaterializingImplementation):
+class Opacus(MaterialisingImplementation):
     """Opacus GradSampleModule: every example's gradient from ``p.grad_sample``."""
 
     name = "opacus"

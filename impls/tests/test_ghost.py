@@ -52,16 +52,16 @@ def _close(got, want):
 
 
 def _reference_inner(left, right):
-    return left.materialize().flatten(1) @ right.materialize().flatten(1).T
+    return left.materialise().flatten(1) @ right.materialise().flatten(1).T
 
 
 def _check_pair(left, right, *, diagonal_too):
     _close(inner(left, right), _reference_inner(left, right))
     _close(inner(right, left), _reference_inner(right, left))
     _close(inner(left, left, same=True), _reference_inner(left, left))
-    _close(left.squared_norms(), left.materialize().flatten(1).pow(2).sum(1))
+    _close(left.squared_norms(), left.materialise().flatten(1).pow(2).sum(1))
     if diagonal_too:
-        want = (left.materialize().flatten(1) * right.materialize().flatten(1)).sum(1)
+        want = (left.materialise().flatten(1) * right.materialise().flatten(1)).sum(1)
         _close(diagonal(left, right), want)
         _close(diagonal(right, left), want)
 
@@ -92,7 +92,7 @@ def test_bias_gradient_sums(force, t, s):
     left = Outer(_randn(4, 2, t, 3, seed=0), _randn(4, 2, t, 5, seed=1), (6, 5))
     right = Outer(_randn(3, 2, s, 3, seed=2), _randn(3, 2, s, 5, seed=3), (6, 5))
     bias_l, bias_r = GradientSums(left, (6,)), GradientSums(right, (6,))
-    _close(bias_l.materialize(), left.gradients.sum(2).reshape(4, 6))
+    _close(bias_l.materialise(), left.gradients.sum(2).reshape(4, 6))
     _check_pair(bias_l, bias_r, diagonal_too=False)
     weight_norms, bias_norms = layer_squared_norms(left, bias_l)
     _close(weight_norms, left.squared_norms())
@@ -103,17 +103,17 @@ def test_bias_gradient_sums(force, t, s):
         _close(weight_inner, _reference_inner(a, b))
         _close(bias_inner, _reference_inner(c, d))
     merged = combine([bias_l, GradientSums(Outer(left.gradients, left.activations, (6, 5)), (6,))])
-    _close(merged.materialize(), 2 * bias_l.materialize())
+    _close(merged.materialise(), 2 * bias_l.materialise())
 
 
-def test_outer_materialize_matches_per_example_sum():
+def test_outer_materialise_matches_per_example_sum():
     grads, acts = _randn(2, 2, 3, 4, seed=0), _randn(2, 2, 3, 5, seed=1)
-    got = Outer(grads, acts, (8, 5)).materialize()
+    got = Outer(grads, acts, (8, 5)).materialise()
     want = torch.einsum("ngto,ngti->ngoi", grads, acts).reshape(2, 8, 5)
     _close(got, want)
-    transposed = Outer(grads[:, :1], acts[:, :1], (5, 4), transposed=True).materialize()
+    transposed = Outer(grads[:, :1], acts[:, :1], (5, 4), transposed=True).materialise()
     _close(transposed, want[:, :4].transpose(1, 2))
-    padded = Outer(grads[:, :1], acts[:, :1], (9, 5), row_start=3).materialize()
+    padded = Outer(grads[:, :1], acts[:, :1], (9, 5), row_start=3).materialise()
     _close(padded[:, 3:7], want[:, :4])
     assert padded[:, :3].abs().sum() == 0 and padded[:, 7:].abs().sum() == 0
 
@@ -168,7 +168,7 @@ def test_combine_merges_uses_of_one_form():
     b = Outer(_randn(2, 1, 1, 4, seed=2), _randn(2, 1, 1, 5, seed=3), (4, 5))
     merged = combine([a, b])
     assert isinstance(merged, Outer) and merged.positions == 4
-    _close(merged.materialize(), a.materialize() + b.materialize())
+    _close(merged.materialise(), a.materialise() + b.materialise())
     assert isinstance(combine([_indexed(2, 3, 5, 2, 0), _indexed(2, 1, 5, 2, 1)]), Indexed)
     dense = combine([Dense(_randn(2, 3, seed=0)), Dense(_randn(2, 3, seed=1))])
     assert isinstance(dense, Dense)

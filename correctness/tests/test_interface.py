@@ -1,4 +1,4 @@
-"""The interface contract, for every registered implementation (DESIGN.md)."""
+"""The interface contract (docs/interface.md), for every registered implementation."""
 
 from __future__ import annotations
 

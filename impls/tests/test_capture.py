@@ -15,12 +15,8 @@ from impls import Unsupported, _capture
 from impls._capture import captured_forward
 from impls.base import Implementation
 from impls.layers.linear import LinearRule
-
-DOUBLE = torch.float64
-
-
-def _ce(outputs, targets):
-    return nn.functional.cross_entropy(outputs, targets, reduction="none")
+from impls.tests.conftest import DOUBLE
+from impls.tests.conftest import ce as _ce
 
 
 class Branchy(nn.Module):

@@ -12,39 +12,22 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import impls
 from correctness import oracle, status
 from correctness.cases import CASES, get_case
 from impls import Unsupported
+from impls.tests.conftest import DOUBLE
+from impls.tests.conftest import ce as _ce
+from impls.tests.conftest import double as _double
 
-DOUBLE = torch.float64
 #: the implementations that must differentiate their results (ghost once it is registered)
 DIFFERENTIABLE = [n for n in ("naive", "vmap", "ghost") if n in impls.names()]
 OTHERS = [n for n in impls.names() if n not in DIFFERENTIABLE]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only cost time here, a lot on a loaded shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
-
-def _ce(outputs, targets):
-    return F.cross_entropy(outputs, targets, reduction="none")
-
-
-def _double(x):
-    if torch.is_tensor(x):
-        return x.double() if x.is_floating_point() else x
-    if isinstance(x, (tuple, list)):
-        return type(x)(_double(t) for t in x)
-    return x
 
 
 def _trainable(model):

@@ -24,13 +24,11 @@ from correctness import oracle
 from correctness.harness import relative_error
 from impls import Unsupported
 from impls.peers.support import library_errors
+from impls.tests.conftest import DOUBLE
+from impls.tests.conftest import ce as _ce
 
 NAMES = impls.names()
-DOUBLE = torch.float64
 
-
-def _ce(outputs, targets):
-    return F.cross_entropy(outputs, targets, reduction="none")
 
 
 def _backward_per_example(model, batch):

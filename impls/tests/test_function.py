@@ -23,23 +23,14 @@ from impls import Unsupported
 from impls.base import Implementation
 from impls.function import ConvFunction, EmbeddingFunction, FunctionCapture, LinearFunction
 from impls.layers.conv import explicit_padding
+from impls.tests.conftest import DOUBLE
+from impls.tests.conftest import ce as _ce
+from impls.tests.conftest import double as _double
 
 FUNCTION = impls.get("function")
 NAIVE = impls.get("naive")
-DOUBLE = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only cost time here, a lot on a loaded shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _ce(outputs, targets):
-    return F.cross_entropy(outputs, targets, reduction="none")
 
 
 def _classes(b, shape, classes=3, seed=0, dtype=DOUBLE):
@@ -126,15 +117,6 @@ def test_frozen_weight_trainable_bias():
 
     _assert_all_agree(Net(), _ce, _classes(4, (4,)), _classes(3, (4,), seed=1))
 
-
-def _double(batch):
-    inputs, targets = batch
-
-    def cast(x):
-        return x.double() if torch.is_tensor(x) and x.is_floating_point() else x
-
-    inputs = tuple(cast(x) for x in inputs) if isinstance(inputs, tuple) else cast(inputs)
-    return inputs, cast(targets)
 
 
 class TiedLinears(nn.Module):

@@ -11,28 +11,15 @@ from correctness import oracle
 from correctness.cases import get_case
 from correctness.harness import perturbed
 from impls import geometry
+from impls.tests.conftest import DOUBLE
+from impls.tests.conftest import ce as _ce
+from impls.tests.conftest import double as _double
 
-DOUBLE = torch.float64
 #: implementations the geometry is checked with (ghost once it is registered)
 IMPLEMENTATIONS = [n for n in ("naive", "hooks", "function", "ghost") if n in impls.names()]
 CASES = ["mlp_f64", "conv1d", "embedding"]  # covered by every implementation above
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only cost time here, a lot on a loaded shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _double(x):
-    if torch.is_tensor(x):
-        return x.double() if x.is_floating_point() else x
-    if isinstance(x, (tuple, list)):
-        return type(x)(_double(t) for t in x)
-    return x
 
 
 def _problem(case_name):
@@ -200,9 +187,6 @@ def _small():
     other = (torch.randn(2, 3, generator=gen, dtype=DOUBLE), torch.tensor([1, 0]))
     return model, batch, other
 
-
-def _ce(outputs, targets):
-    return nn.functional.cross_entropy(outputs, targets, reduction="none")
 
 
 @pytest.mark.parametrize("name", DIFFERENTIABLE)

@@ -33,8 +33,9 @@ from impls.factors import (
     layer_inner,
     layer_squared_norms,
 )
+from impls.tests.conftest import DOUBLE
+from impls.tests.conftest import ce as _ce
 
-DOUBLE = torch.float64
 FORCES = [None, "factored", "materialised"]
 
 
@@ -226,9 +227,6 @@ ATTENTION_MODELS = {
     "bias_kv_zero_attn": dict(mode="qkv", add_bias_kv=True, add_zero_attn=True),
 }
 
-
-def _ce(outputs, targets):
-    return F.cross_entropy(outputs, targets, reduction="none")
 
 
 def _attention_problem(name, frozen=()):

@@ -19,10 +19,10 @@ from torch import nn
 
 import impls
 from impls import Unsupported
+from impls.tests.conftest import DOUBLE
 
 PEERS = ["opacus", "opacus_ghost", "backpack"]
 ROOT = Path(__file__).resolve().parents[2]
-DOUBLE = torch.float64
 
 
 @pytest.fixture(autouse=True)

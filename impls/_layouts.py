@@ -335,17 +335,25 @@ def _reduction(call: Call):
 _register(_reduction, *(name for name in _REDUCTIONS if name not in ("min", "max")))
 
 
+#: operations along one dimension that keep the shape: name -> (position of ``dim``, what no
+#: dim means; None: every dimension, refused)
+_ALONG = {
+    "softmax": (1, None), "log_softmax": (1, None), "softmin": (1, None), "_softmax": (1, None),
+    "_log_softmax": (1, None), "cumsum": (1, None), "cumprod": (1, None), "cummax": (1, None),
+    "cummin": (1, None), "logcumsumexp": (1, None), "sort": (1, -1), "argsort": (1, -1),
+    "msort": (1, 0), "topk": (2, -1), "normalize": (2, 1), "glu": (1, -1),
+}  # fmt: skip
+
+
 def _along(call: Call):
-    """Operations along one dimension that keep the shape (softmax, cumsum, sort, ...)."""
+    """Operations along one dimension that keep the shape (softmax, cumsum, sort, normalize):
+    the examples stay where they are, unless the operation runs along them."""
     x = call.args[0]
     layout = _only_layout(call, x)
-    dim = call.arg(1, "dim")
+    position, default = _ALONG[call.name]
+    dim = call.kwargs.get("dim", call.arg(position, "dim"))
     if dim is None:
-        dim = -1 if call.name in ("sort", "argsort", "topk", "msort") else None
-        if call.name == "topk":
-            dim = call.kwargs.get("dim", call.arg(2, "dim", -1))
-    elif call.name == "topk":
-        dim = call.kwargs.get("dim", call.arg(2, "dim", -1))
+        dim = default
     if dim is None:
         raise _Unfollowable("without a dimension acts over every dimension")
     if not isinstance(dim, int):
@@ -355,35 +363,7 @@ def _along(call: Call):
     return layout
 
 
-_register(
-    _along,
-    "softmax", "log_softmax", "softmin", "_softmax", "_log_softmax", "cumsum", "cumprod",
-    "cummax", "cummin", "logcumsumexp", "sort", "argsort", "topk", "msort", "glu_dim",
-)  # fmt: skip
-
-
-def _normalize(call: Call):
-    x = call.args[0]
-    layout = _only_layout(call, x)
-    dim = call.kwargs.get("dim", call.arg(2, "dim", 1))
-    if _norm_dim(dim, x.dim()) == layout.dim:
-        raise _Unfollowable("normalises along the batch dimension")
-    return layout
-
-
-_register(_normalize, "normalize")
-
-
-def _glu(call: Call):
-    x = call.args[0]
-    layout = _only_layout(call, x)
-    dim = call.kwargs.get("dim", call.arg(1, "dim", -1))
-    if _norm_dim(dim, x.dim()) == layout.dim:
-        raise _Unfollowable("splits the batch dimension")
-    return layout
-
-
-_register(_glu, "glu")
+_register(_along, *_ALONG)
 
 
 # -- shapes: views, permutations, indexing --------------------------------------------------------

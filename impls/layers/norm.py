@@ -21,6 +21,17 @@ def _args(args, kwargs, names, defaults):
     ]
 
 
+def _bound(x, weight, bias, is_weight, config: dict) -> Binding | None:
+    """The binding of a normalisation of ``x`` with an affine ``weight``/``bias``, or None when
+    neither is a weight to differentiate (or x is not an activation)."""
+    if not isinstance(x, Tensor) or is_weight(x):
+        return None
+    weights = {"weight": weight, "bias": bias}
+    if not any(is_weight(w) for w in weights.values() if isinstance(w, Tensor)):
+        return None
+    return Binding((x,), weights, config)
+
+
 def _affine(use, normalised: Tensor, grads: Tensor, reduce_dims) -> dict:
     out = {}
     if "weight" in use.wanted:
@@ -46,13 +57,9 @@ class TrailingNormRule(OpRule):
                 args, kwargs, ("input", "normalized_shape", "weight", "eps"), (None,) * 4
             )
             bias = None
-        if not isinstance(x, Tensor) or is_weight(x):
-            return None
-        weights = {"weight": weight, "bias": bias}
-        if not any(is_weight(w) for w in weights.values() if isinstance(w, Tensor)):
-            return None
         shape = (shape,) if isinstance(shape, int) else tuple(shape)
-        return Binding((x,), weights, {"shape": shape, "eps": eps, "rms": func is F.rms_norm})
+        config = {"shape": shape, "eps": eps, "rms": func is F.rms_norm}
+        return _bound(x, weight, bias, is_weight, config)
 
     def factors(self, use):
         shape, eps = use.config["shape"], use.config["eps"]
@@ -74,12 +81,7 @@ class GroupNormRule(OpRule):
             args, kwargs, ("input", "num_groups", "weight", "bias", "eps"),
             (None, None, None, None, 1e-5),
         )  # fmt: skip
-        if not isinstance(x, Tensor) or is_weight(x):
-            return None
-        weights = {"weight": weight, "bias": bias}
-        if not any(is_weight(w) for w in weights.values() if isinstance(w, Tensor)):
-            return None
-        return Binding((x,), weights, {"groups": groups, "eps": eps})
+        return _bound(x, weight, bias, is_weight, {"groups": groups, "eps": eps})
 
     def check(self, use):
         layout = use.layout()
@@ -110,13 +112,8 @@ class BatchNormRule(OpRule):
              "eps"),
             (None, None, None, None, None, False, 0.1, 1e-5),
         )  # fmt: skip
-        if not isinstance(x, Tensor) or is_weight(x):
-            return None
-        weights = {"weight": weight, "bias": bias}
-        if not any(is_weight(w) for w in weights.values() if isinstance(w, Tensor)):
-            return None
         config = {"mean": mean, "var": var, "training": bool(training), "eps": eps}
-        return Binding((x,), weights, config)
+        return _bound(x, weight, bias, is_weight, config)
 
     def check(self, use):
         if use.config["training"] or use.config["mean"] is None:

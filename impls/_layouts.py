@@ -181,6 +181,18 @@ class _Unfollowable(Exception):
     """Raised by a handler: the batch cannot be followed (the message completes 'torch.X ...')."""
 
 
+class _OneLayout:
+    """The one layout several tensors of a call must agree on."""
+
+    def __init__(self, conflict: str):
+        self.conflict, self.found = conflict, None
+
+    def add(self, layout: Layout) -> None:
+        if self.found is not None and layout != self.found:
+            raise _Unfollowable(self.conflict)
+        self.found = layout
+
+
 def _layouts(call: Call) -> list[tuple[Tensor, Layout]]:
     return [(x, t) for x, t in call.tagged() if isinstance(t, Layout)]
 
@@ -720,14 +732,8 @@ def _advanced_index(call: Call, x: Tensor, items: list):
             return d if d < advanced[0] else d - len(advanced) + len(shape)
         return len(shape) + sum(1 for k in range(d) if k not in advanced)
 
-    found: Layout | None = None
-
-    def keep(layout: Layout):
-        nonlocal found
-        if found is not None and layout != found:
-            raise _Unfollowable("indexes so that the examples would land in two dimensions")
-        found = layout
-
+    agreed = _OneLayout("indexes so that the examples would land in two dimensions")
+    keep = agreed.add
     tag_x = call.tag_of(x)
     if isinstance(tag_x, Layout):
         d = tag_x.dim
@@ -749,9 +755,9 @@ def _advanced_index(call: Call, x: Tensor, items: list):
         tag = call.tag_of(items[k])
         if isinstance(tag, Layout):
             keep(tag.moved(start + tag.dim + len(shape) - tensors[k].dim()))
-    if found is None:
+    if agreed.found is None:
         raise _Unfollowable("has no argument that carries the batch")
-    return found
+    return agreed.found
 
 
 def _identity_dimension(index: Tensor, shape, size: int) -> int | None:
@@ -795,14 +801,8 @@ _register(_setitem, "__setitem__")
 
 def matmul_layout(call: Call, a: Tensor, b: Tensor, out: Tensor) -> Layout:
     """torch.matmul semantics: leading dims broadcast; a's rows and b's columns are kept."""
-    found: Layout | None = None
-
-    def keep(layout: Layout):
-        nonlocal found
-        if found is not None and layout != found:
-            raise _Unfollowable("multiplies tensors whose examples lie along different dimensions")
-        found = layout
-
+    agreed = _OneLayout("multiplies tensors whose examples lie along different dimensions")
+    keep = agreed.add
     for x, is_left in ((a, True), (b, False)):
         tag = call.tag_of(x)
         if not isinstance(tag, Layout):
@@ -824,9 +824,9 @@ def matmul_layout(call: Call, a: Tensor, b: Tensor, out: Tensor) -> Layout:
                 keep(tag.moved(out.dim() - 1))
             else:
                 keep(tag.moved(tag.dim + out.dim() - n))
-    if found is None:
+    if agreed.found is None:
         raise _Unfollowable("has no argument that carries the batch")
-    return found
+    return agreed.found
 
 
 def _matmul(call: Call):

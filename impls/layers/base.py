@@ -140,6 +140,16 @@ def registered_functions() -> set:
     return set(_RULES)
 
 
+def require_first_dimension(use: Use, what: str) -> None:
+    """Refuse a use whose call treats dimension 0 as its batch (a convolution, group or batch
+    norm) while the examples are along another dimension."""
+    layout = use.layout()
+    if layout is not None and layout.dim != 0:
+        raise Unsupported(
+            f"{use.where} {what} along dimension 0, but the examples are along {layout.dim}"
+        )
+
+
 def flatten_positions(x: Tensor) -> Tensor:
     """[n, rows, *, f] -> [n, t, f]: every dimension but the first and last becomes a position."""
     return x.reshape(x.shape[0], -1, x.shape[-1])

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from impls.base import Unsupported
 from impls.factors import Dense, GradientSums, Outer
-from impls.layers.base import Binding, OpRule, register_rule
+from impls.layers.base import Binding, OpRule, register_rule, require_first_dimension
 
 _CONVS = {
     F.conv1d: 1,
@@ -94,11 +94,7 @@ class ConvRule(OpRule):
         return Binding((x,), weights, config)
 
     def check(self, use):
-        layout = use.layout()
-        if layout is not None and layout.dim != 0:
-            raise Unsupported(
-                f"{use.where} runs along dimension 0 but the examples are along {layout.dim}"
-            )
+        require_first_dimension(use, "convolves each row")
         if use.binding.activations[0].dim() != use.config["dims"] + 2:
             raise Unsupported(f"{use.where} is called on an input without a batch dimension")
 

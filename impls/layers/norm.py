@@ -11,7 +11,7 @@ from torch import Tensor
 
 from impls.base import Unsupported
 from impls.factors import Dense
-from impls.layers.base import Binding, OpRule, register_rule
+from impls.layers.base import Binding, OpRule, register_rule, require_first_dimension
 
 
 def _args(args, kwargs, names, defaults):
@@ -84,9 +84,7 @@ class GroupNormRule(OpRule):
         return _bound(x, weight, bias, is_weight, {"groups": groups, "eps": eps})
 
     def check(self, use):
-        layout = use.layout()
-        if layout is not None and layout.dim != 0:
-            raise Unsupported(f"{use.where} normalises per row of dimension 0, not per example")
+        require_first_dimension(use, "normalises each row")
 
     def factors(self, use):
         n = use.batch_size
@@ -120,9 +118,7 @@ class BatchNormRule(OpRule):
             raise Unsupported(
                 f"{use.where} normalises with batch statistics: it mixes the examples of a batch"
             )
-        layout = use.layout()
-        if layout is not None and layout.dim != 0:
-            raise Unsupported(f"{use.where} runs along dimension 0, not along the examples")
+        require_first_dimension(use, "normalises each row")
 
     def factors(self, use):
         n = use.batch_size

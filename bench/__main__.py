@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from bench import cli, comparison, regress
+from bench.floor import FLOOR
 
 QUICK = dict(
     batch_sizes=[16, 64],  # per case, those not above the case's default ladder
@@ -51,7 +52,9 @@ def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--cases", nargs="+", default=None, help=f"bench cases (default all: {', '.join(BY_NAME)})"
     )
-    cli.add_impls_argument(parser, "implementations (default: every registered one, impls.names())")
+    cli.add_impls_argument(
+        parser, "implementations (default: every registered one, impls.names(), and the floor)"
+    )
     parser.add_argument("--quantities", nargs="+", default=list(QUANTITIES), choices=QUANTITIES)
     parser.add_argument(
         "--batch-sizes",
@@ -153,7 +156,7 @@ def validate_sweep(args) -> None:
     from bench.sweep import default_devices
 
     with cli.usage("sweep"):
-        cli.check_known("implementation", args.impls, impls.names())
+        cli.check_known("implementation", args.impls, [*impls.names(), FLOOR])
         cli.check_known("bench case", args.cases, list(BY_NAME))
         devices = args.devices or default_devices()
         for device in devices:
@@ -209,7 +212,7 @@ def run_sweep(args) -> int:
     for device in args.devices:
         cells = plan(
             cases,
-            args.impls or impls.names(),
+            args.impls or [*impls.names(), FLOOR],
             devices=[device],
             quantities=args.quantities,
             batch_sizes=batch_sizes,

@@ -38,6 +38,7 @@ import pandas as pd
 import torch
 
 from bench import cli
+from bench.floor import FLOOR
 
 #: the default run: the sweep's own defaults, three batch sizes
 DEFAULT = dict(batch_sizes=(16, 64, 256), rounds=3, min_run_time=0.1, budget=10.0)
@@ -63,7 +64,7 @@ def options(keywords: Mapping[str, Any]) -> Options:
     import impls
     from bench.sweep import Settings
 
-    known = impls.names()
+    known = [*impls.names(), FLOOR]
     implementations = keywords["implementations"]
     if isinstance(implementations, str):
         implementations = [implementations]
@@ -93,7 +94,7 @@ def options(keywords: Mapping[str, Any]) -> Options:
         check_batch_size=check_batch_size,
         measure_memory=bool(keywords["memory"]),
     )
-    names = tuple(implementations or known)
+    names = tuple(implementations or impls.names())
     return Options(names, tuple(sorted(set(sizes))), settings)
 
 
@@ -166,7 +167,9 @@ def measure(case, chosen: Options, progress: bool = True, out: str | Path | None
     from bench.sweep import Sweep, plan
 
     names, sizes = list(chosen.implementations), list(chosen.batch_sizes)
-    cells = plan([case], names, devices=[case.device], batch_sizes=sizes)
+    measured = names if FLOOR in names else [*names, FLOOR]  # the floor: what any method pays
+    names = [n for n in names if n != FLOOR]
+    cells = plan([case], measured, devices=[case.device], batch_sizes=sizes)
     with tempfile.TemporaryDirectory(prefix="pegbench-compare-") as folder:
         root = Path(out) if out is not None else Path(folder)
         store = ResultStore(root / torch.device(case.device).type, keep=out is not None)

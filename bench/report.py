@@ -17,6 +17,7 @@ import pandas as pd
 
 from bench import store
 from bench.cases import DESCRIPTIONS
+from bench.floor import FLOOR
 from bench.timing import NOISY_RELATIVE_IQR
 
 REPORT_NAME = "REPORT.md"
@@ -43,6 +44,18 @@ def fastest(frame: pd.DataFrame, by: str = "ratio") -> pd.DataFrame:
     keys = ["device", "case", "quantity", "batch_size"]
     best = rows.loc[rows.groupby(keys)[by].idxmin()]
     return best.sort_values(keys).reset_index(drop=True)
+
+
+def floor_ratios(frame: pd.DataFrame) -> pd.Series:
+    """Each row's time as a multiple of the floor measured beside it: its ratio to a plain step
+    over the floor's ratio to its own plain step (both interleaved, so machine drift cancels).
+    NaN where there is no floor row or either is missing."""
+    keys = ["device", "case", "quantity", "batch_size"]
+    floors = frame[(frame["implementation"] == FLOOR) & _ok(frame)].set_index(keys)["ratio"]
+    if floors.empty:
+        return pd.Series(math.nan, index=frame.index)
+    joined = frame.join(floors.rename("floor_ratio"), on=keys)
+    return joined["ratio"] / joined["floor_ratio"]
 
 
 def _format_ratio(value: float) -> str:
@@ -75,6 +88,9 @@ def _time_cell(row) -> str:
     if row["status"] != "ok":
         return row["status"]
     text = _format_ratio(float(row["ratio"]))
+    to_floor = row.get("to_floor")
+    if row["implementation"] != FLOOR and to_floor is not None and not pd.isna(to_floor):
+        text += f" ({_format_ratio(float(to_floor))} floor)"
     if isinstance(row["flags"], str) and row["flags"].startswith("noisy"):
         text += NOISY_MARK
     if row["correct"] == "WRONG":
@@ -121,12 +137,17 @@ def markdown_table(table: pd.DataFrame, index_name: str = "") -> str:
 
 
 def headline(frame: pd.DataFrame, device: str) -> pd.DataFrame:
-    """(case, quantity) x batch size: the fastest correct implementation and its time ratio."""
+    """(case, quantity) x batch size: the fastest correct implementation, its time ratio and its
+    distance to the floor."""
+    if len(frame) and "to_floor" not in frame:
+        frame = frame.assign(to_floor=floor_ratios(frame))
     best = fastest(frame[frame["device"] == device])
     if best.empty:
         return pd.DataFrame()
+    to_floor = best.get("to_floor", pd.Series(math.nan, index=best.index))
+    floor_text = to_floor.map(lambda v: "" if pd.isna(v) else f" ({_format_ratio(v)} floor)")
     best = best.assign(
-        text=best["implementation"] + " " + best["ratio"].map(_format_ratio),
+        text=best["implementation"] + " " + best["ratio"].map(_format_ratio) + floor_text,
         row=best["case"] + " " + best["quantity"],
     )
     rows = frame[frame["device"] == device]
@@ -228,14 +249,20 @@ def plot_case(rows: pd.DataFrame, path: Path) -> Path | None:
             for implementation in implementations:
                 group = these[these["implementation"] == implementation]
                 group = group.dropna(subset=[value]).sort_values("batch_size")
-                if len(group):
-                    axis.plot(
-                        group["batch_size"].astype(int),
-                        group[value].astype(float) * scale,
-                        "o-",
-                        color=colors[implementation],
-                        label=implementation,
-                    )
+                if not len(group):
+                    continue
+                if implementation == FLOOR:  # a line, not an implementation
+                    if value == "time_median_s":
+                        axis.plot(group["batch_size"].astype(int), group[value].astype(float),
+                                  ":", color="grey", linewidth=2, label="floor")  # fmt: skip
+                    continue
+                axis.plot(
+                    group["batch_size"].astype(int),
+                    group[value].astype(float) * scale,
+                    "o-",
+                    color=colors[implementation],
+                    label=implementation,
+                )
             reference = these.dropna(subset=[plain]).groupby("batch_size")[plain].median()
             if len(reference):
                 axis.plot(
@@ -273,6 +300,7 @@ def plot_case(rows: pd.DataFrame, path: Path) -> Path | None:
 
 def render(frame: pd.DataFrame, environments: dict[str, dict], plots: dict) -> str:
     """REPORT.md's text from the concatenated tables."""
+    frame = frame.assign(to_floor=floor_ratios(frame)) if len(frame) else frame
     lines = [
         "# pegbench benchmark report",
         "",
@@ -287,8 +315,15 @@ def render(frame: pd.DataFrame, environments: dict[str, dict], plots: dict) -> s
         "",
         "**Correct** = the implementation's answer on an 8-example batch of the same bench "
         "model agrees with the float64 oracle (`correctness.oracle`, a per-example loop) within "
-        "the agreement harness's tolerance; only correct implementations can be *fastest*. "
+        "the agreement harness's tolerance, or ten times the rounding of a per-example loop in "
+        "the model's dtype on that model; only correct implementations can be *fastest*. "
         f"Cells marked `{WRONG_MARK.strip()}` failed that check.",
+        "",
+        "**Floor** = what any exact per-layer method pays on that model and batch "
+        "(`bench/floor.py`): a forward and a backward to the outputs of every parameter use "
+        "(no parameter gradient), plus each parameter group's reduction alone, on factors "
+        "captured beforehand, in its fastest exact form. `(1.05x floor)` beside a time is the "
+        "implementation's time as a multiple of the floor measured beside it.",
         "",
     ]
     devices = list(dict.fromkeys(frame["device"]))
@@ -296,7 +331,11 @@ def render(frame: pd.DataFrame, environments: dict[str, dict], plots: dict) -> s
         lines.append("_No results yet: run `python -m bench`._")
     for device in devices:
         table = headline(frame, device)
-        lines += [f"## Headline ({device}): fastest correct implementation, time ratio", ""]
+        lines += [
+            f"## Headline ({device}): fastest correct implementation, time ratio to a plain "
+            "step (and to the floor)",
+            "",
+        ]
         lines += [markdown_table(table, "case, quantity") if len(table) else "_none_", ""]
     for device in devices:
         rows_device = frame[frame["device"] == device]

@@ -36,6 +36,7 @@ import impls
 from bench import memory as memory_module
 from bench.cases import default_batch_sizes
 from bench.environment import available_memory_bytes
+from bench.floor import FLOOR, floor_step
 from bench.store import KEY, ResultStore
 from bench.store import STATUSES as STATUSES  # a cell's statuses (defined beside the table)
 from bench.timing import CellTimeout, interleaved, time_limit, time_once
@@ -288,6 +289,8 @@ class Sweep:
     # -- the oracle check --------------------------------------------------------------------
 
     def check(self, cell: Cell) -> Check:
+        if cell.implementation == FLOOR:
+            return Check("unchecked", detail="the floor is a measure, not an implementation")
         if not self.settings.check:
             return Check("unchecked", detail="checking disabled")
         if cell.group not in self._checks:
@@ -441,9 +444,13 @@ class Sweep:
         s = self.settings
         model = self.model(cell.device, cell.case)
         batch = self.batch(cell.device, cell.case, cell.batch_size)
-        call = quantity_call(
-            self.implementation(cell.implementation), cell.quantity, model, cell.case.loss_fn, batch
-        )
+        if cell.implementation == FLOOR:
+            call = floor_step(model, cell.case.loss_fn, batch, cell.quantity)
+        else:
+            call = quantity_call(
+                self.implementation(cell.implementation), cell.quantity, model,
+                cell.case.loss_fn, batch,
+            )  # fmt: skip
         plain = plain_step(model, cell.case.loss_fn, batch)
         plain_key = (cell.device, cell.case.name, cell.batch_size)
 

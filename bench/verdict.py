@@ -19,6 +19,7 @@ import pandas as pd
 import torch
 
 from bench.cli import text_table
+from bench.floor import FLOOR
 from bench.report import fastest, format_bytes, format_seconds
 
 
@@ -175,6 +176,26 @@ def recommendation(frame: pd.DataFrame, names: Sequence[str], batch_size: int) -
     return recommend(frame, names, batch_size)[1]
 
 
+def floor_line(frame: pd.DataFrame, names: Sequence[str], batch_size: int) -> str:
+    """The floor at one batch size, and how far the fastest correct implementation is from it."""
+    index = _index(frame.to_dict("records"))
+    parts = []
+    for quantity in ("norms", "gram"):
+        floor = index.get((FLOOR, quantity, batch_size))
+        floor_ratio = _number(floor.get("ratio")) if floor and floor["status"] == "ok" else None
+        if floor_ratio is None:
+            continue
+        text = f"{quantity} {_ratio(floor_ratio)} a plain step"
+        name, row = _best(frame, names, quantity, batch_size, "ratio")
+        if name:
+            text += f" ({name} is {_ratio(_number(row['ratio']) / floor_ratio)} the floor)"
+        parts.append(text)
+    if not parts:
+        return "floor: not measured"
+    return "floor (the forward and activation backward any per-layer method pays, plus the " \
+        "fastest exact reductions): " + "; ".join(parts)
+
+
 def verdict(frame: pd.DataFrame, names: Sequence[str], batch_size: int) -> str:
     """The verdict at one batch size: table, refusals, fastest, smallest memory, recommendation."""
     rows = frame.to_dict("records")
@@ -239,5 +260,6 @@ def verdict(frame: pd.DataFrame, names: Sequence[str], batch_size: int) -> str:
             if name:
                 found.append(f"{quantity} {name} ({_ratio(_number(row[column]))} {unit})")
         parts.append(f"{label}: {'; '.join(found) if found else 'none correct and measured'}")
+    parts.append(floor_line(frame, names, batch_size))
     parts.append(recommendation(frame, names, batch_size))
     return "\n".join(parts)

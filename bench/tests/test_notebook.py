@@ -53,7 +53,9 @@ def test_compare_returns_the_table_and_the_command_prints_its_recommendation(
 
     assert set(COLUMNS) <= set(frame.columns)
     cells = {(r.implementation, r.quantity, r.batch_size) for r in frame.itertuples()}
-    assert len(frame) == len(cells) == 2 * 2 * 2
+    # two implementations and the floor (measured beside them), two quantities, two sizes
+    assert len(frame) == len(cells) == 3 * 2 * 2
+    assert {name for name, _, _ in cells} == {*NAMES, "floor"}
     assert set(frame["status"]) == {"ok"} and set(frame["correct"]) == {"ok"}
     assert (frame["check_error"] < 1e-4).all() and (frame["ratio"] > 0).all()
     assert frame["memory_ratio"].isna().all()  # memory=False
@@ -120,7 +122,8 @@ def test_mapping_inputs_and_targets():
     frame = bench.compare(
         model, loss_fn, make_batch, implementations=["naive"], batch_sizes=4, **QUICK
     )
-    assert list(frame["status"]) == ["ok", "ok"] and list(frame["correct"]) == ["ok", "ok"]
+    naive = frame[frame["implementation"] == "naive"]
+    assert list(naive["status"]) == ["ok", "ok"] and list(naive["correct"]) == ["ok", "ok"]
     assert frame.attrs["recommended"] == {4: "naive"}
 
 

@@ -1,0 +1,204 @@
+"""The floor: what any exact per-layer method must pay, measured on the very model and batch.
+
+For a model, a batch and a quantity (norms or a Gram matrix) the floor is the sum of
+
+- the **activation step**: a forward pass and a backward pass that produces the gradient of the
+  output of every call that uses a trainable parameter, and no parameter gradient (autograd is
+  asked for those outputs only); for a call that uses its parameters out of sight inside one
+  kernel (``nn.MultiheadAttention``'s ``multi_head_attention_forward``, the fused recurrent
+  kernels) the gradients of its inputs are asked too, so that the backward runs through it, as
+  it must to reach the projections inside;
+- the **reductions**: for each parameter group (a layer's weight and bias, a tied parameter's
+  uses), the time of its reduction alone on factors captured beforehand, in the fastest exact
+  form available for it: each group is reduced in every form the factors offer (factored,
+  materialised in tiles, token-match for embeddings), and the fastest is kept.
+
+:func:`floor_step` is one zero-argument callable doing both, which the sweep times interleaved
+with the plain step like any implementation (``implementation == "floor"``); its forms are
+chosen by :func:`fastest_forms` before. ``python -m bench floor CASE`` prints the breakdown
+(``floor_report``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.autograd.graph import get_gradient_edge
+from torch.overrides import TorchFunctionMode
+
+FLOOR = "floor"
+
+#: calls that use their parameters inside one kernel: their inputs' gradients are asked too
+_OPAQUE = {torch.lstm, torch.gru, torch.rnn_tanh, torch.rnn_relu}
+
+
+class _ParameterUses(TorchFunctionMode):
+    """Record where the output of every call using a trainable parameter is in the graph."""
+
+    def __init__(self, params):
+        super().__init__()
+        self.params = {id(p) for p in params}
+        self.edges: list = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        result = func(*args, **kwargs)
+        if not torch.is_grad_enabled():
+            return result
+        flat = [*args, *kwargs.values()]
+        tensors = []
+        for a in flat:
+            if isinstance(a, torch.Tensor):
+                tensors.append(a)
+            elif isinstance(a, (list, tuple)):
+                tensors.extend(x for x in a if isinstance(x, torch.Tensor))
+        if not any(id(x) in self.params for x in tensors):
+            return result
+        outputs = result if isinstance(result, (tuple, list)) else (result,)
+        for x in outputs:
+            if isinstance(x, torch.Tensor) and x.requires_grad:
+                self.edges.append(get_gradient_edge(x))
+        if func in _OPAQUE or func is torch.nn.functional.multi_head_attention_forward:
+            for x in tensors:
+                if id(x) not in self.params and x.requires_grad:
+                    self.edges.append(get_gradient_edge(x))
+        return result
+
+
+def activation_step(model, loss_fn, batch) -> Callable[[], None]:
+    """A forward and a backward to the outputs of every parameter use, no parameter gradient."""
+    from correctness.oracle import call
+
+    inputs, targets = batch
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def step() -> None:
+        with torch.enable_grad():
+            with _ParameterUses(params) as uses:
+                losses = loss_fn(call(model, inputs), targets)
+            if uses.edges and losses.requires_grad:
+                torch.autograd.grad(losses.sum(), uses.edges, allow_unused=True)
+
+    return step
+
+
+# -- the reductions -------------------------------------------------------------------------------
+
+#: the exact forms a reduction can take: the cost model's choice, and each choice forced
+FORMS = (None, "factored", "materialised")
+
+
+@contextlib.contextmanager
+def forced(form: str | None):
+    from impls.factors import COSTS
+
+    previous = COSTS.force
+    COSTS.force = form
+    try:
+        yield
+    finally:
+        COSTS.force = previous
+
+
+def captured_groups(model, loss_fn, batch) -> list[dict]:
+    """Every parameter group's factors ({name: factors}, as ghost reduces them), captured once."""
+    from impls._capture import parameter_factors
+    from impls.base import Implementation
+
+    side = Implementation._side(model, batch)
+    groups: list[dict] = []
+    with torch.enable_grad():
+        parameter_factors(side, loss_fn, False, groups.append)
+    return groups
+
+
+def reduce_group(group: dict, quantity: str) -> Any:
+    from impls.factors import groups as reductions
+
+    if quantity == "norms":
+        return reductions.squared_norms(group)
+    return reductions.inner_sum(group, group, True)
+
+
+@dataclass
+class GroupTiming:
+    names: tuple[str, ...]
+    form: str | None  # the fastest form (None: the cost model's own choice was fastest)
+    seconds: float  # its time
+    by_form: dict  # form -> seconds (inf where cut short)
+
+
+def fastest_forms(groups: list[dict], quantity: str, repeats: int = 3) -> list[GroupTiming]:
+    """Each group's fastest exact form. A form is cut short once it takes 3x the fastest so far
+    (the factored Gram matrix of a large vocabulary can take seconds)."""
+    out = []
+    for group in groups:
+        by_form: dict = {}
+        best = float("inf")
+        for form in FORMS:
+            times = []
+            for _ in range(repeats):
+                with forced(form):
+                    start = time.perf_counter()
+                    reduce_group(group, quantity)
+                    times.append(time.perf_counter() - start)
+                if times[-1] > 3 * best:
+                    break
+            by_form[form] = min(times)
+            best = min(best, by_form[form])
+        form = min(by_form, key=by_form.get)
+        out.append(GroupTiming(tuple(group), form, by_form[form], by_form))
+    return out
+
+
+def floor_step(model, loss_fn, batch, quantity: str) -> Callable[[], None]:
+    """One callable: the activation step, then every group's reduction in its fastest form on
+    factors captured (and forms chosen) now, beforehand."""
+    step = activation_step(model, loss_fn, batch)
+    groups = captured_groups(model, loss_fn, batch)
+    timings = fastest_forms(groups, quantity)
+    plan = [(group, timing.form) for group, timing in zip(groups, timings, strict=True)]
+
+    def floor() -> None:
+        step()
+        for group, form in plan:
+            with forced(form):
+                reduce_group(group, quantity)
+
+    return floor
+
+
+def floor_report(model, loss_fn, batch, quantity: str, rounds: int = 5) -> str:
+    """The floor's parts in text: the activation step beside a plain step, each group's forms."""
+    from bench.sweep import plain_step
+
+    step, plain = activation_step(model, loss_fn, batch), plain_step(model, loss_fn, batch)
+    step(), plain()
+    step_times, plain_times = [], []
+    for _ in range(rounds):
+        for f, times in ((step, step_times), (plain, plain_times)):
+            start = time.perf_counter()
+            f()
+            times.append(time.perf_counter() - start)
+    step_s, plain_s = sorted(step_times)[rounds // 2], sorted(plain_times)[rounds // 2]
+    timings = fastest_forms(captured_groups(model, loss_fn, batch), quantity)
+    reductions = sum(t.seconds for t in timings)
+    lines = [
+        f"plain step {plain_s * 1e3:.1f} ms; activation step {step_s * 1e3:.1f} ms "
+        f"({step_s / plain_s:.3f}x); reductions {reductions * 1e3:.1f} ms "
+        f"({reductions / plain_s:.3f}x); floor {(step_s + reductions) / plain_s:.3f}x a plain step",
+        f"{'group':48s} {'fastest':>12s} {'ms':>8s}   cost model / factored / materialised (ms)",
+    ]
+    for t in sorted(timings, key=lambda t: -t.seconds):
+        forms = " / ".join(
+            "-" if f not in t.by_form else f"{t.by_form[f] * 1e3:.2f}" for f in FORMS
+        )
+        name = ", ".join(t.names)
+        name = name if len(name) <= 48 else name[:45] + "..."
+        lines.append(f"{name:48s} {t.form or 'cost model':>12s} {t.seconds * 1e3:8.2f}   {forms}")
+    return "\n".join(lines)

@@ -262,6 +262,38 @@ def run_report(args) -> int:
     return 0
 
 
+def add_floor_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("case", help="a bench case (see python -m bench --help for the list)")
+    parser.add_argument("--batch-size", type=cli.BATCH_SIZE, default=32, help="default 32")
+    parser.add_argument("--quantity", choices=("norms", "gram"), default="norms")
+    parser.add_argument("--threads", type=cli.THREADS, default=None,
+                        help=f"torch intra-op threads (default {torch.get_num_threads()})")
+    parser.add_argument("--rounds", type=cli.ROUNDS, default=5,
+                        help="interleaved rounds of the activation step and the plain step")
+
+
+def validate_floor(args) -> None:
+    from bench.cases import BY_NAME
+
+    with cli.usage("floor"):
+        cli.check_known("case", [args.case], list(BY_NAME))
+
+
+def run_floor(args) -> int:
+    """The floor of one bench case, in parts: the activation step beside a plain step, and each
+    parameter group's reduction in every exact form (the fastest is the floor's)."""
+    from bench.cases import get_case
+    from bench.floor import floor_report
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    case = get_case(args.case)
+    model, batch = case.make_model(), case.make_batch(args.batch_size)
+    print(f"{case.name} B={args.batch_size} {args.quantity}, {torch.get_num_threads()} thread(s)")
+    print(floor_report(model, case.loss_fn, batch, args.quantity, args.rounds))
+    return 0
+
+
 @dataclass(frozen=True)
 class Command:
     add_arguments: Callable[[argparse.ArgumentParser], None]
@@ -296,6 +328,12 @@ COMMANDS: dict[str, Command] = {
         comparison.validate,
         comparison.run,
         "every implementation on your own model file",
+    ),
+    "floor": Command(
+        add_floor_arguments,
+        validate_floor,
+        run_floor,
+        "the floor of a bench case in parts: activation step and each group's fastest reduction",
     ),
 }
 

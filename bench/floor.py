@@ -38,7 +38,13 @@ _OPAQUE = {torch.lstm, torch.gru, torch.rnn_tanh, torch.rnn_relu}
 
 
 class _ParameterUses(TorchFunctionMode):
-    """Record where the output of every call using a trainable parameter is in the graph."""
+    """Record where the output of every call using a trainable parameter is in the graph.
+
+    An opaque call's floating inputs that do not require gradients (the model's data) are
+    swapped for copies that do, whose edges are recorded: the backward must run through the
+    kernel (the gate gradients of every step, for a recurrent one) even when nothing the model
+    feeds it needs a gradient.
+    """
 
     def __init__(self, params):
         super().__init__()
@@ -47,27 +53,42 @@ class _ParameterUses(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        opaque = func in _OPAQUE or func is torch.nn.functional.multi_head_attention_forward
+        if opaque and torch.is_grad_enabled():
+            args, kwargs = self._through(args, kwargs)
         result = func(*args, **kwargs)
         if not torch.is_grad_enabled():
             return result
-        flat = [*args, *kwargs.values()]
-        tensors = []
-        for a in flat:
-            if isinstance(a, torch.Tensor):
-                tensors.append(a)
-            elif isinstance(a, (list, tuple)):
-                tensors.extend(x for x in a if isinstance(x, torch.Tensor))
+        tensors = _tensors([*args, *kwargs.values()])
         if not any(id(x) in self.params for x in tensors):
             return result
         outputs = result if isinstance(result, (tuple, list)) else (result,)
         for x in outputs:
             if isinstance(x, torch.Tensor) and x.requires_grad:
                 self.edges.append(get_gradient_edge(x))
-        if func in _OPAQUE or func is torch.nn.functional.multi_head_attention_forward:
+        if opaque:
             for x in tensors:
                 if id(x) not in self.params and x.requires_grad:
                     self.edges.append(get_gradient_edge(x))
         return result
+
+    def _through(self, args, kwargs):
+        def swap(x):
+            if isinstance(x, torch.Tensor) and x.is_floating_point() and not x.requires_grad:
+                return x.detach().requires_grad_()
+            return x
+
+        return tuple(swap(a) for a in args), {k: swap(v) for k, v in kwargs.items()}
+
+
+def _tensors(values) -> list[torch.Tensor]:
+    out = []
+    for a in values:
+        if isinstance(a, torch.Tensor):
+            out.append(a)
+        elif isinstance(a, (list, tuple)):
+            out.extend(x for x in a if isinstance(x, torch.Tensor))
+    return out
 
 
 def activation_step(model, loss_fn, batch) -> Callable[[], None]:
@@ -130,27 +151,59 @@ class GroupTiming:
     names: tuple[str, ...]
     form: str | None  # the fastest form (None: the cost model's own choice was fastest)
     seconds: float  # its time
-    by_form: dict  # form -> seconds (inf where cut short)
+    by_form: dict  # form -> seconds, for the forms tried
+
+
+#: a form the cost model predicts at more than this multiple of its own choice is not tried (a
+#: factored Gram matrix of a long sequence or a large vocabulary takes seconds per call)
+HOPELESS = 4.0
+
+
+@contextlib.contextmanager
+def recorded_decisions():
+    from impls.factors import COSTS
+
+    previous, COSTS.decisions = COSTS.decisions, []
+    try:
+        yield COSTS.decisions
+    finally:
+        COSTS.decisions = previous
+
+
+def hopeless(decisions: list[tuple[float, float]], form: str) -> bool:
+    """Whether every decision predicts ``form`` at more than HOPELESS x the other form."""
+    if not decisions:
+        return False
+    if form == "factored":
+        return all(f > HOPELESS * m for f, m in decisions)
+    return all(m > HOPELESS * f for f, m in decisions)
+
+
+def _least_time(group: dict, quantity: str, form: str | None, repeats: int) -> float:
+    with forced(form):
+        reduce_group(group, quantity)  # untimed: thread wake-ups and fresh pages
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            reduce_group(group, quantity)
+            times.append(time.perf_counter() - start)
+    return min(times)
 
 
 def fastest_forms(groups: list[dict], quantity: str, repeats: int = 3) -> list[GroupTiming]:
-    """Each group's fastest exact form. A form is cut short once it takes 3x the fastest so far
-    (the factored Gram matrix of a large vocabulary can take seconds)."""
+    """Each group's fastest exact form: the least of ``repeats`` timed calls after an untimed one
+    (the first calls pay for thread wake-ups and fresh pages, tens of milliseconds on a small
+    CPU), for the cost model's choice and each form forced, except a form the cost model
+    predicts hopeless (``HOPELESS``)."""
     out = []
     for group in groups:
-        by_form: dict = {}
-        best = float("inf")
-        for form in FORMS:
-            times = []
-            for _ in range(repeats):
-                with forced(form):
-                    start = time.perf_counter()
-                    reduce_group(group, quantity)
-                    times.append(time.perf_counter() - start)
-                if times[-1] > 3 * best:
-                    break
-            by_form[form] = min(times)
-            best = min(best, by_form[form])
+        with recorded_decisions() as decisions:
+            reduce_group(group, quantity)
+        by_form = {None: _least_time(group, quantity, None, repeats)}
+        for form in FORMS[1:]:
+            if not decisions or hopeless(decisions, form):
+                continue  # no choice was made, or this one cannot win
+            by_form[form] = _least_time(group, quantity, form, repeats)
         form = min(by_form, key=by_form.get)
         out.append(GroupTiming(tuple(group), form, by_form[form], by_form))
     return out

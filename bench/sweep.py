@@ -446,6 +446,7 @@ class Sweep:
         batch = self.batch(cell.device, cell.case, cell.batch_size)
         if cell.implementation == FLOOR:
             call = floor_step(model, cell.case.loss_fn, batch, cell.quantity)
+            started = time.perf_counter()  # capturing factors and choosing forms is not timed
         else:
             call = quantity_call(
                 self.implementation(cell.implementation), cell.quantity, model,

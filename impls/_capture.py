@@ -58,7 +58,7 @@ from impls._layouts import (
 from impls._watch import BatchWatch, Frame, tensor_arguments
 from impls.base import Side, Unsupported, per_example_losses
 from impls.factors import Dense, Factors, combine
-from impls.layers import REPLACEMENTS, Use, rule_for
+from impls.layers import REPLACEMENT_FUNCTIONS, REPLACEMENTS, Use, rule_for
 from impls.layers.fallback import ModuleCall, grad_samples
 
 #: captured output bytes above which :meth:`Capture.backward` streams by default: below,
@@ -208,7 +208,7 @@ class Capture:
         replacement = REPLACEMENTS.get(func)
         if replacement is not None:
             with self.watch.following():  # the replacement's own calls are followed and captured
-                result = replacement(args, kwargs, self.watch)
+                result = replacement(args, kwargs, self.watch, self.create_graph)
             if result is not NotImplemented:
                 return result
         tensors = tensor_arguments(args, kwargs)
@@ -475,7 +475,8 @@ class Capture:
 
     def check_losses(self, losses: Tensor) -> None:
         if self.unseen and losses.grad_fn is not None:
-            foreign = _custom_functions(losses.grad_fn, self.own_functions)
+            own = self.own_functions + tuple(f._backward_cls for f in REPLACEMENT_FUNCTIONS)
+            foreign = _custom_functions(losses.grad_fn, own)
             if foreign:
                 name, where = self.unseen[0]
                 raise Unsupported(

@@ -19,8 +19,8 @@ class Costs:
     per-example gradients a feature chunk at a time; ``elementwise``: a streaming pass (squares,
     products, sums, zero fills).
 
-    Measured (``python -m bench floor --calibrate --threads 1 --clock cpu``, on the shared 2-core
-    development machine, whose elapsed times were too noisy): for the norms of a Linear the two
+    Measured in CPU time at 1 thread on the shared 2-core development machine (its elapsed times
+    were too noisy), each form forced in turn: for the norms of a Linear the two
     forms cost the same near T ≈ 1.2·i·o/(i+o) (factored T²(i+o) per example against T·i·o),
     which these constants reproduce; for the Gram matrix near n·T²·(i+o) ≈ T·i·o·1.2 + n·i·o
     (n = 128: T ≈ 12 at i = o = 256, where the per-norm rule 2T² ≤ i·o would pick the factored
@@ -33,8 +33,13 @@ class Costs:
     elementwise: float = 4.0
     #: "factored" or "materialised" overrides the choice (for measurements and tests)
     force: str | None = None
+    #: when a list, every decision appends its (factored, materialised) estimates (the floor's
+    #: search skips forms predicted far slower than the choice)
+    decisions: list | None = None
 
     def factored_is_cheaper(self, factored: float, materialised: float) -> bool:
+        if self.decisions is not None:
+            self.decisions.append((factored, materialised))
         if self.force is not None:
             return self.force == "factored"
         return factored <= materialised

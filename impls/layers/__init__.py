@@ -20,6 +20,6 @@ from impls.layers import (  # noqa: F401  (registration)
     recurrent,
 )
 from impls.layers.base import Binding, OpRule, Use, register_rule, rule_for
-from impls.layers.replacements import REPLACEMENTS
+from impls.layers.replacements import REPLACEMENT_FUNCTIONS, REPLACEMENTS
 
-__all__ = ["REPLACEMENTS", "Binding", "OpRule", "Use", "register_rule", "rule_for"]
+__all__ = ["REPLACEMENTS", "REPLACEMENT_FUNCTIONS", "Binding", "OpRule", "Use", "register_rule", "rule_for"]

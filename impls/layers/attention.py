@@ -63,7 +63,7 @@ def _unbound(in_projection_packed):
     return projected
 
 
-def _replacement(args, kwargs, watch):
+def _replacement(args, kwargs, watch, differentiable):
     return _followable_attention_forward()(*args, **kwargs)
 
 

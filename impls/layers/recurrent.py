@@ -10,6 +10,15 @@ factor (positions concatenated). LSTM's ``proj_size`` adds a projection per step
 gate order and equations), so outputs agree up to rounding, and it is differentiable twice.
 Configurations it does not reproduce run the kernel as usual (the module then gets the vmap
 fallback): packed sequences, dropout between layers in training mode.
+
+An LSTM layer without ``proj_size`` whose result need not be differentiable twice takes a faster
+route with the same factors (``_lstm_layer``): the fused kernel computes the hidden states
+without autograd, both projections are then one ``F.linear`` each over the whole sequence
+(x W_ihᵀ + b_ih and [h_0, h_1 .. h_{T-1}] W_hhᵀ + b_hh, the states detached), and
+:class:`LSTMCells` runs the cell updates from the summed pre-activations, forward and backward,
+its backward carrying the recurrence through W_hh that the detached states leave out. The gate
+gradients autograd delivers to the two projections are then every step's exact gate gradients,
+and the Python work per step is a handful of kernel calls instead of a dozen autograd nodes.
 """
 
 from __future__ import annotations
@@ -18,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from impls._layouts import Layout
-from impls.layers.replacements import register_replacement
+from impls.layers.replacements import REPLACEMENT_FUNCTIONS, register_replacement
 
 _KERNELS = {
     torch.lstm: "LSTM",
@@ -44,9 +53,104 @@ def _step(mode, x_proj, h_proj, h, c):
     return act(x_proj + h_proj), None
 
 
+def _cell_updates(gates, c0):
+    """From every step's gate pre-activations gates [n, T, 4H] and c_0 [n, H], without autograd:
+    (states [T, n, H], acts [T, n, 4, H] (sigmoid i, f, o; tanh g), cells [T + 1, n, H] (c_0
+    first), tanh_c [T, n, H]), time-major. Only the cell state's scan runs step by step."""
+    n, steps, four_h = gates.shape
+    hidden = four_h // 4
+    acts = gates.new_empty(steps, n, 4, hidden)  # a copy: changed in place
+    acts.copy_(gates.transpose(0, 1).unflatten(2, (4, hidden)))
+    torch.sigmoid_(acts[:, :, :2])
+    torch.sigmoid_(acts[:, :, 3])
+    torch.tanh_(acts[:, :, 2])
+    i, f, g, o = acts.unbind(2)
+    cells = gates.new_empty(steps + 1, n, hidden)
+    cells[0] = c0
+    torch.mul(i, g, out=cells[1:])
+    for t in range(steps):
+        cells[t + 1].addcmul_(f[t], cells[t])
+    tanh_c = torch.tanh(cells[1:])
+    return o * tanh_c, acts, cells, tanh_c
+
+
+class LSTMCells(torch.autograd.Function):
+    """LSTM's cell updates over a sequence, as a function of every step's gate pre-activations.
+
+    ``forward(gates [n, T, 4H], c0 [n, H], w_hh [4H, H]) -> (h [n, T, H], c_T [n, H])``, where
+    ``gates[:, t]`` = x_t W_ihᵀ + b_ih + h_{t-1} W_hhᵀ + b_hh was computed by the caller from the
+    values of h_{t-1}, detached for t >= 1. The backward is backpropagation through time: the
+    gradient reaching h_{t-1} through gates_t (dgates_t W_hh, the path the detached states cut)
+    is added here, so the gradient returned for ``gates`` is every step's exact gate gradient.
+    ``w_hh`` is used by the backward only and gets no gradient (the caller's projection of the
+    states accounts for it). Not differentiable twice.
+    """
+
+    @staticmethod
+    def forward(ctx, gates, c0, w_hh):
+        with torch._C.DisableTorchFunction():  # plain kernels, whatever mode is active
+            states, acts, cells, tanh_c = _cell_updates(gates, c0)
+        ctx.save_for_backward(acts, cells, tanh_c, w_hh)
+        return states.transpose(0, 1), cells[-1].clone()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_h, grad_c):
+        acts, cells, tanh_c, w_hh = ctx.saved_tensors
+        steps, n, _, hidden = acts.shape
+        with torch._C.DisableTorchFunction():  # plain kernels, whatever mode is active
+            grad_gates, grad_c0 = _through_time(acts, cells, tanh_c, w_hh, grad_h, grad_c)
+        return grad_gates.view(steps, n, 4 * hidden).transpose(0, 1), grad_c0, None
+
+
+def _through_time(acts, cells, tanh_c, w_hh, grad_h, grad_c):
+    """(gate gradients [T, n, 4, H], gradient of c_0) from the gradients of the hidden states
+    [n, T, H] and of c_T (either None: zero)."""
+    steps, n, _, hidden = acts.shape
+    i, f, g, o = acts.unbind(2)
+    # what does not depend on the recurrence, for every step at once
+    through_h = o * (1 - tanh_c * tanh_c)  # dc_t += dh_t * through_h_t
+    to_o = o * (1 - o) * tanh_c  # dgate_o = dh_t * to_o_t
+    to_ifg = torch.stack((g * i * (1 - i), cells[:-1] * f * (1 - f), i * (1 - g * g)), 2)
+    grad_gates = torch.empty_like(acts)  # dgate_{i,f,g} = dc_t * to_ifg_t
+    flat = grad_gates.view(steps, n, 4 * hidden)
+    if grad_h is None:
+        grad_h = acts.new_zeros(steps, n, hidden)
+    else:
+        grad_h = grad_h.transpose(0, 1).contiguous()  # dh_t, then plus dgates_{t+1} W_hh
+    dc = acts.new_zeros(n, hidden) if grad_c is None else grad_c.clone()
+    for t in range(steps - 1, -1, -1):
+        dh = grad_h[t]
+        dc.addcmul_(dh, through_h[t])
+        torch.mul(dh, to_o[t], out=grad_gates[t, :, 3])
+        torch.mul(dc.unsqueeze(1), to_ifg[t], out=grad_gates[t, :, :3])
+        if t:  # h_0 is not detached: its gradient comes through the caller's projection
+            grad_h[t - 1].addmm_(flat[t], w_hh)
+        dc.mul_(f[t])
+    return grad_gates, dc
+
+
+REPLACEMENT_FUNCTIONS.append(LSTMCells)
+
+
+def _lstm_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, watch):
+    """One LSTM layer and direction over x [n, T, F]: (h [n, T, H], h_T, c_T), see the module."""
+    with torch.no_grad():  # the hidden states' values, from the fused kernel
+        weights = [w.detach() for w in (w_ih, w_hh, b_ih, b_hh) if w is not None]
+        states, _, _ = torch.lstm(x.detach(), (h0[None].detach(), c0[None].detach()), weights,
+                                  b_ih is not None, 1, 0.0, False, False, True)  # fmt: skip
+    previous = torch.cat((h0.unsqueeze(1), states[:, :-1]), 1)
+    gates = F.linear(x, w_ih, b_ih) + F.linear(previous, w_hh, b_hh)
+    h, c = LSTMCells.apply(gates, c0, w_hh.detach())
+    watch.set_tag(h, Layout(0))  # a custom Function's outputs are not seen by the watch
+    watch.set_tag(c, Layout(0))
+    return h, h[:, -1], c
+
+
 def unrolled(mode, input, hx, params, has_biases, num_layers, dropout, train, bidirectional,
-             batch_first):  # fmt: skip
-    """What the fused kernel returns, computed step by step."""
+             batch_first, watch=None):  # fmt: skip
+    """What the fused kernel returns, computed step by step; given the ``watch``, LSTM layers
+    without projection by :func:`_lstm_layer` (not differentiable twice)."""
     x = input if batch_first else input.transpose(0, 1)  # [n, T, F]
     directions = 2 if bidirectional else 1
     per = (4 if has_biases else 2) + _projected(mode, params, has_biases, num_layers, directions)
@@ -60,6 +164,12 @@ def unrolled(mode, input, hx, params, has_biases, num_layers, dropout, train, bi
             b_ih, b_hh = rest[:2] if has_biases else (None, None)
             w_hr = rest[-1] if per % 2 else None  # LSTM with proj_size: h = (o·tanh c) W_hrᵀ
             sequence = x if direction == 0 else x.flip(1)
+            if watch is not None and mode == "LSTM" and w_hr is None:
+                out, h, c = _lstm_layer(sequence, h0[k], c0[k], w_ih, w_hh, b_ih, b_hh, watch)
+                outputs.append(out if direction == 0 else out.flip(1))
+                last_h.append(h)
+                last_c.append(c)
+                continue
             x_proj = F.linear(sequence, w_ih, b_ih)  # [n, T, G·H]
             h, c = h0[k], None if c0 is None else c0[k]
             steps = []
@@ -85,7 +195,7 @@ def _projected(mode, params, has_biases, num_layers, directions) -> int:
 
 
 def _replacement_for(mode):
-    def replacement(args, kwargs, watch):
+    def replacement(args, kwargs, watch, differentiable):
         if kwargs or len(args) != 9 or not isinstance(args[2], (list, tuple)):
             return NotImplemented  # packed sequences: the kernel, and the fallback decides
         input, hx, params, has_biases, num_layers, dropout, train, bidirectional = args[:8]
@@ -102,7 +212,7 @@ def _replacement_for(mode):
         for state in states:
             if watch.tag_of(state) is None and not state.requires_grad:
                 watch.set_tag(state, Layout(1))
-        return unrolled(mode, *args)
+        return unrolled(mode, *args, watch=None if differentiable else watch)
 
     return replacement
 

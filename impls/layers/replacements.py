@@ -13,9 +13,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-#: torch function -> replacement(args, kwargs, watch) -> the same result, or NotImplemented
-#: (``watch``: the :class:`~impls._watch.BatchWatch` the replacement runs under)
+#: torch function -> replacement(args, kwargs, watch, differentiable) -> the same result, or
+#: NotImplemented (``watch``: the :class:`~impls._watch.BatchWatch` the replacement runs under;
+#: ``differentiable``: the result must be differentiable twice)
 REPLACEMENTS: dict[Any, Callable[[tuple, dict, Any], Any]] = {}
+
+
+#: custom autograd Functions the replacements run (exact backward; the capture does not refuse them)
+REPLACEMENT_FUNCTIONS: list[type] = []
 
 
 def register_replacement(func: Any, replacement: Callable[[tuple, dict, Any], Any]) -> None:

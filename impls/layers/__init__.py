@@ -22,4 +22,12 @@ from impls.layers import (  # noqa: F401  (registration)
 from impls.layers.base import Binding, OpRule, Use, register_rule, rule_for
 from impls.layers.replacements import REPLACEMENT_FUNCTIONS, REPLACEMENTS
 
-__all__ = ["REPLACEMENTS", "REPLACEMENT_FUNCTIONS", "Binding", "OpRule", "Use", "register_rule", "rule_for"]
+__all__ = [
+    "REPLACEMENTS",
+    "REPLACEMENT_FUNCTIONS",
+    "Binding",
+    "OpRule",
+    "Use",
+    "register_rule",
+    "rule_for",
+]

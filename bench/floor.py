@@ -22,6 +22,7 @@ chosen by :func:`fastest_forms` before. ``python -m bench floor CASE`` prints th
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -138,9 +139,38 @@ def captured_groups(model, loss_fn, batch) -> list[dict]:
     return groups
 
 
+def uncached(factors: Any, memo: dict | None = None) -> Any:
+    """A copy of factors without what an earlier reduction cached on them (an embedding's
+    entries, a bias's gradient sums): every timed reduction starts from what the backward
+    delivers. Factors shared within a group stay shared (``memo``)."""
+    from impls.factors import Factors
+
+    memo = {} if memo is None else memo
+    if not dataclasses.is_dataclass(factors) or isinstance(factors, type):
+        return factors
+    if id(factors) in memo:
+        return memo[id(factors)]
+    changes = {}
+    for f in dataclasses.fields(factors):
+        if not f.init:
+            continue
+        value = getattr(factors, f.name)
+        if f.name.startswith("_"):
+            changes[f.name] = f.default
+        elif isinstance(value, Factors):
+            changes[f.name] = uncached(value, memo)
+        elif isinstance(value, (list, tuple)) and any(isinstance(v, Factors) for v in value):
+            changes[f.name] = type(value)(uncached(v, memo) for v in value)
+    memo[id(factors)] = copy = dataclasses.replace(factors, **changes)
+    return copy
+
+
 def reduce_group(group: dict, quantity: str) -> Any:
+    """One group's reduction, on a copy of its factors without caches."""
     from impls.factors import groups as reductions
 
+    memo: dict = {}
+    group = {name: uncached(factors, memo) for name, factors in group.items()}
     if quantity == "norms":
         return reductions.squared_norms(group)
     return reductions.inner_sum(group, group, True)

@@ -433,6 +433,35 @@ def test_lstm_projection_is_recorded(force):
     assert isinstance(factors["weight_hr_l1"], Outer)
 
 
+class FinalStates(nn.Module):
+    """An LSTM whose initial h_0 and c_0 are computed from the input, and whose output, h_n and
+    c_n all reach the loss: every gradient path of the fast LSTM route (the cell updates'
+    backward through time, c_0's gradient, h_0's through the hidden projection)."""
+
+    def __init__(self, **options):
+        super().__init__()
+        self.rnn = nn.LSTM(3, 4, batch_first=True, **options)
+        layers = options.get("num_layers", 1) * (2 if options.get("bidirectional") else 1)
+        self.start = nn.Linear(3, 8 * layers)
+        self.head = nn.Linear(4 * (2 if options.get("bidirectional") else 1), 2)
+
+    def forward(self, x):
+        h0, c0 = torch.tanh(self.start(x[:, 0])).reshape(x.shape[0], -1, 2, 4).unbind(2)
+        out, (h_n, c_n) = self.rnn(x, (h0.transpose(0, 1).contiguous(),
+                                       c0.transpose(0, 1).contiguous()))  # fmt: skip
+        summary = (h_n * c_n).sum(0).sum(-1, keepdim=True)
+        return self.head(out.mean(1)) + summary
+
+
+@pytest.mark.parametrize("options", [{}, dict(num_layers=2, bidirectional=True)])
+def test_lstm_final_states_and_initial_cells_agree_with_naive(options):
+    torch.manual_seed(0)
+    model = FinalStates(**options).double()
+    _, batch, other = _recurrent_problem("lstm")
+    _agree("ghost", model, batch, other)
+    _agree("hooks", model, batch, other)
+
+
 def test_recurrent_dropout_in_training_is_left_to_the_kernel():
     """Dropout between layers in training: the fused kernel runs, nothing is recorded, and the
     vmap fallback refuses (its masks would differ per example) — never a wrong number."""

@@ -113,6 +113,7 @@ NUMERIC = {
     "sweep": ["--threads", "--rounds", "--budget", "--min-run-time", "--batch-sizes"],
     "regress": ["--threads", "--rounds", "--budget", "--min-run-time", "--batch-sizes"],
     "compare": ["--threads", "--rounds", "--budget", "--min-run-time", "--batch-sizes"],
+    "floor": ["--threads", "--rounds", "--batch-size"],
 }
 NUMERIC["compare"].append("--check-batch-size")
 BAD_NUMBERS = {
@@ -142,6 +143,7 @@ def test_numbers_out_of_range_are_refused(tmp_path, command, option, value):
         "sweep": ["sweep", "--out", str(tmp_path / "results")],
         "regress": ["regress", "--baseline", str(tmp_path / "b.json"), "--update-baseline"],
         "compare": ["compare", str(tmp_path / "tiny.py")],
+        "floor": ["floor", "mlp_mnist"],
         "correctness": [],
     }[command] + [option, value]
     main = correctness_main.main if command == "correctness" else bench_main.main
@@ -377,6 +379,12 @@ OPTIONS = {
         "--out": "file",
         "--no-progress": "flag",
     },
+    "floor": {
+        "--batch-size": "number",
+        "--quantity": "quantities",
+        "--threads": "number",
+        "--rounds": "number",
+    },
     "correctness": {
         "--impls": "impls+",
         "--cases": "zoo+",
@@ -409,6 +417,8 @@ def argument_lists(draw, command: str, files: dict[str, str]) -> list[str]:
     argv = [token for part in draw(st.lists(piece, max_size=4)) for token in part]
     if command == "compare" and draw(st.integers(0, 5)):
         argv.insert(0, draw(file))
+    if command == "floor" and draw(st.integers(0, 5)):
+        argv.insert(0, draw(NAMES["cases"]))
     prefix = {"sweep": draw(st.sampled_from([[], ["sweep"]])), "correctness": []}
     return prefix.get(command, [command]) + argv
 

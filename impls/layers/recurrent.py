@@ -117,7 +117,8 @@ def _through_time(acts, cells, tanh_c, w_hh, grad_h, grad_c):
     if grad_h is None:
         grad_h = acts.new_zeros(steps, n, hidden)
     else:
-        grad_h = grad_h.transpose(0, 1).contiguous()  # dh_t, then plus dgates_{t+1} W_hh
+        # dh_t, then plus dgates_{t+1} W_hh: a copy (autograd's buffer is not ours to change)
+        grad_h = grad_h.transpose(0, 1).clone(memory_format=torch.contiguous_format)
     dc = acts.new_zeros(n, hidden) if grad_c is None else grad_c.clone()
     for t in range(steps - 1, -1, -1):
         dh = grad_h[t]

@@ -75,8 +75,9 @@ class Indexed(Factors):
         return self.values * self.keep.unsqueeze(-1).to(self.values.dtype)
 
     def placed(self, shape, row_start):
-        if len(shape) != 2 or shape[1] != self.values.shape[-1]:
-            return super().placed(shape, row_start)
+        whole = row_start == 0 and tuple(shape) == tuple(self.shape)
+        if whole or len(shape) != 2 or shape[1] != self.values.shape[-1]:
+            return super().placed(shape, row_start)  # (the whole parameter: itself)
         return Indexed(self.rows + row_start, self.values, shape[0], self.keep)
 
     def materialise(self) -> Tensor:

@@ -71,8 +71,8 @@ class Outer(Factors):
         return self.row_start == 0 and self.groups * self.features[0] == self.shape[0]
 
     def placed(self, shape, row_start):
-        if self.transposed or self.groups != 1:
-            return super().placed(shape, row_start)
+        if self.transposed or self.groups != 1 or (row_start == 0 and shape == self.shape):
+            return super().placed(shape, row_start)  # (the whole parameter: itself)
         return Outer(self.gradients, self.activations, shape, self.row_start + row_start)
 
     def squared_norms(self) -> Tensor:

@@ -600,3 +600,29 @@ def test_refuses_batchnorm_in_train_mode_and_accounts_for_a_parent_reading_a_wei
     other = (torch.randn(2, 3, dtype=DOUBLE), torch.tensor([1, 0]))
     _agree("ghost", model, batch, other)
     _agree("hooks", model, batch, other)
+
+
+def test_a_layers_weight_and_bias_are_reduced_together(monkeypatch):
+    """Each Linear's bias is reduced with its weight, from the products the weight's factored
+    form builds (the whole parameter's factors are the use's own, not a copy)."""
+    from impls.factors import groups
+
+    joint = []
+    monkeypatch.setattr(groups, "layer_squared_norms", _counted(groups.layer_squared_norms, joint))
+    monkeypatch.setattr(groups, "layer_inner", _counted(groups.layer_inner, joint))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    batch = (torch.randn(5, 3, dtype=DOUBLE), torch.tensor([0, 1, 1, 0, 1]))
+    ghost = impls.get("ghost")
+    ghost.norms(model, _ce, batch)
+    assert len(joint) == 2
+    ghost.inner(model, _ce, batch)
+    assert len(joint) == 4
+
+
+def _counted(function, calls: list):
+    def counted(*args, **kwargs):
+        calls.append(function.__name__)
+        return function(*args, **kwargs)
+
+    return counted

@@ -252,6 +252,8 @@ class _Plan:
                     for hooks in (module._forward_pre_hooks, module._forward_hooks):
                         for key in [k for k, h in hooks.items() if _is_fsdp_hook(h)]:
                             del hooks[key]
+                    for key in _COMPOSABLE_KEYS:  # FSDP's state (a copy of the module would
+                        module.__dict__.pop(key, None)  # copy its process group)
                     if isinstance(module, FSDPModule):
                         cls = type(module)
                         classes.append((module, cls))
@@ -264,6 +266,18 @@ class _Plan:
             finally:
                 for module, cls in classes:
                     module.__class__ = cls
+
+
+def _composable_keys() -> tuple[str, ...]:
+    """The attributes where torch's composable APIs (fully_shard) keep their state."""
+    try:
+        from torch.distributed._composable.contract import REGISTRY_KEY, STATE_KEY
+    except ImportError:
+        return ()
+    return STATE_KEY, REGISTRY_KEY
+
+
+_COMPOSABLE_KEYS = _composable_keys() if dist.is_available() else ()
 
 
 def _bit_sum(t: Tensor) -> int:

@@ -468,7 +468,8 @@ class Channel:
         buffer = torch.zeros(max(sizes), dtype=torch.uint8)
         buffer[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
         gathered = self.all_gather(buffer.to(self.device), "control")
-        return [pickle.loads(g[:n].cpu().numpy().tobytes()) for g, n in zip(gathered, sizes)]
+        pairs = zip(gathered, sizes, strict=True)
+        return [pickle.loads(g[:n].cpu().numpy().tobytes()) for g, n in pairs]
 
 
 # -- every rank raises together -------------------------------------------------------------------
@@ -752,12 +753,14 @@ def _rounds(everyone: list[list]) -> list[list[tuple[int, int]]]:
             rounds.append(current)
         plans.append(rounds)
     count = max((len(r) for r in plans), default=0)
-    return [
-        [pair for rounds in plans if j < len(rounds) for pair in rounds[j]] for j in range(count)
-    ] if count else []
+    return (
+        [[pair for rounds in plans if j < len(rounds) for pair in rounds[j]] for j in range(count)]
+        if count
+        else []
+    )
 
 
-def _exchange(channel: Channel, round_: list[tuple[int, int]], everyone: list, packed: list) -> list:
+def _exchange(channel: Channel, round_: list, everyone: list, packed: list) -> list:
     """One all-gather of the round's groups: [(sender, spec, tensors)] of every rank's."""
     places: dict[int, list] = {}  # rank -> [(group index, layout)]
     ends: dict[int, int] = {}

@@ -87,10 +87,10 @@ def _error(value, reference) -> float:
     return relative_error(value, reference)
 
 
-def _outcome(call) -> dict:
-    """{"value": ...} or {"raised": type name, "message": str}."""
+def _outcome(call, *args, **kwargs) -> dict:
+    """{"value": call(*args, **kwargs)} or {"raised": type name, "message": str}."""
     try:
-        return {"value": call()}
+        return {"value": call(*args, **kwargs)}
     except Exception as error:  # noqa: BLE001 - recorded for the tests
         return {"raised": type(error).__name__, "message": str(error)}
 
@@ -155,9 +155,7 @@ def _agreement(rank: int, world: int) -> dict:
                     quantities += ["per_param", "cross_checkpoint"]
                 for quantity in quantities:
                     outcome = _outcome(
-                        lambda n=name, q=quantity, m=model, o=other_model: problem.compute(
-                            impls.get(n), m, q, other_model=o
-                        )
+                        problem.compute, impls.get(name), model, quantity, other_model=other_model
                     )
                     if "value" in outcome:
                         reference = problem.references[quantity]
@@ -175,7 +173,7 @@ def _nested_fsdp(rank: int, world: int) -> dict:
         problem = _Problem(case_name, rank, world)
         model = _wrap(copy.deepcopy(problem.model), "fsdp2", per_block=True)
         for quantity in ("norms", "gram", "cross_batch"):
-            outcome = _outcome(lambda q=quantity: problem.compute(impls.get("ghost"), model, q))
+            outcome = _outcome(problem.compute, impls.get("ghost"), model, quantity)
             if "value" in outcome:
                 outcome = {"error": _error(outcome["value"], problem.references[quantity])}
             out[(case_name, quantity)] = outcome
@@ -220,9 +218,7 @@ def _state(rank: int, world: int) -> dict:
             impl.norms(model, problem.loss_fn, problem.batch)
             impl.inner(model, problem.loss_fn, problem.batch)
             impl.inner(model, problem.loss_fn, problem.batch, problem.other)
-        out[(wrapper, "grads kept")] = all(
-            p.grad is marker[n] for n, p in model.named_parameters()
-        )
+        out[(wrapper, "grads kept")] = all(p.grad is marker[n] for n, p in model.named_parameters())
         out[(wrapper, "parameter kinds")] = kinds == {
             n: type(p).__name__ for n, p in model.named_parameters()
         }
@@ -267,49 +263,43 @@ def _failures(rank: int, world: int) -> dict:
             if rank == 1:
                 setattr(Ghost, method, refuse)
             try:
-                out[(wrapper, "refusal", quantity)] = _outcome(
-                    lambda q=quantity: ghost.norms(wrapped, loss_fn, (x, y))
-                    if q == "norms"
-                    else ghost.inner(wrapped, loss_fn, (x, y))
-                )
+                call = ghost.norms if quantity == "norms" else ghost.inner
+                out[(wrapper, "refusal", quantity)] = _outcome(call, wrapped, loss_fn, (x, y))
             finally:
                 setattr(Ghost, method, original)
         bad_targets = y if rank == 0 else y[:2]
         out[(wrapper, "mismatched batch", "norms")] = _outcome(
-            lambda: ghost.norms(wrapped, loss_fn, (x, bad_targets))
+            ghost.norms, wrapped, loss_fn, (x, bad_targets)
         )
         out[(wrapper, "mismatched batch", "gram")] = _outcome(
-            lambda: ghost.inner(wrapped, loss_fn, (x, bad_targets))
+            ghost.inner, wrapped, loss_fn, (x, bad_targets)
         )
         bad_inputs = x if rank == 0 else x[:, :3]
         out[(wrapper, "bad features", "gram")] = _outcome(
-            lambda: ghost.inner(wrapped, loss_fn, (bad_inputs, y))
+            ghost.inner, wrapped, loss_fn, (bad_inputs, y)
         )
         out[(wrapper, "different calls", "-")] = _outcome(
-            lambda: ghost.norms(wrapped, loss_fn, (x, y))
-            if rank == 0
-            else ghost.inner(wrapped, loss_fn, (x, y))
+            ghost.norms if rank == 0 else ghost.inner, wrapped, loss_fn, (x, y)
         )
         out[(wrapper, "create_graph", "gram")] = _outcome(
-            lambda: ghost.inner(wrapped, loss_fn, (x, y), create_graph=True)
+            ghost.inner, wrapped, loss_fn, (x, y), create_graph=True
         )
-        out[(wrapper, "still in step", "norms")] = _outcome(
-            lambda: ghost.norms(wrapped, loss_fn, (x, y)).shape
+        still = _outcome(ghost.norms, wrapped, loss_fn, (x, y))
+        out[(wrapper, "still in step", "norms")] = (
+            {"value": still["value"].shape} if "value" in still else still
         )
     replica = copy.deepcopy(model)
     if rank == 1:
         with torch.no_grad():
             replica[0].weight[0, 0] += 1e-12
     ddp = DistributedDataParallel(replica, init_sync=False)
-    out[("ddp", "replicas out of sync", "norms")] = _outcome(
-        lambda: ghost.norms(ddp, loss_fn, (x, y))
-    )
+    out[("ddp", "replicas out of sync", "norms")] = _outcome(ghost.norms, ddp, loss_fn, (x, y))
     # last: rank 1 makes no call; rank 0's first collective must give up (the group is out of
     # step afterwards, so nothing follows it)
     distributed.set_collective_timeout(2.0)
     wrapped = _wrap(copy.deepcopy(model), "ddp")
     if rank == 0:
-        out[("ddp", "no partner", "norms")] = _outcome(lambda: ghost.norms(wrapped, loss_fn, (x, y)))
+        out[("ddp", "no partner", "norms")] = _outcome(ghost.norms, wrapped, loss_fn, (x, y))
     return out
 
 
@@ -335,7 +325,7 @@ def _one_rank(rank: int, world: int) -> dict:
         for wrapper in WRAPPERS:
             model = _wrap(copy.deepcopy(problem.model), wrapper)
             for quantity in ("norms", "gram", "cross_batch"):
-                outcome = _outcome(lambda q=quantity: problem.compute(impls.get("ghost"), model, q))
+                outcome = _outcome(problem.compute, impls.get("ghost"), model, quantity)
                 if "value" in outcome:
                     outcome = {"error": _error(outcome["value"], problem.references[quantity])}
                 out[(case_name, wrapper, quantity)] = outcome

@@ -535,3 +535,72 @@ def write_traffic(table: pd.DataFrame, path: Path) -> None:
             f"{_bytes(r.bytes_sent)} | {r.traffic} |"
         )
     store_module.write_atomically(path, "\n".join(lines) + "\n")
+
+
+# -- what a Gram matrix sends, without a group -------------------------------------------------
+
+#: GPT-2 small (124M parameters), as Hugging Face configures it
+GPT2_SMALL = dict(vocab=50257, dim=768, layers=12, heads=12, positions=1024)
+
+
+def payload_report(model_name: str, tokens: list[int], examples: int, ranks: int) -> str:
+    """Per sequence length: the bytes one rank holding ``examples`` examples sends the others in
+    a distributed Gram matrix (``impls.distributed.payload``, ghost), by form, against the
+    per-example gradients' bytes, and what ``ranks`` ranks would send each."""
+    import impls
+    from bench.cli import text_table
+    from correctness import hf_models, losses
+    from impls.distributed import payload
+
+    if model_name != "gpt2-124m":
+        raise ValueError(f"unknown model '{model_name}' (known: gpt2-124m)")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = hf_models.gpt2_lm(**GPT2_SMALL)
+    parameters = sum(p.numel() for p in model.parameters())
+    element = next(model.parameters()).element_size()
+    lines = []
+    for length in tokens:
+        batch = hf_models.tokens(examples, torch.Generator().manual_seed(0), length=length,
+                                 vocab=GPT2_SMALL["vocab"])  # fmt: skip
+        sent = payload(impls.get("ghost"), model, losses.next_token_cross_entropy, batch)
+        by_form = {"factors": 0, "gradients": 0}
+        counts = {"factors": 0, "gradients": 0}
+        for form, size in sent.values():
+            by_form[form] += size
+            counts[form] += 1
+        total = sum(by_form.values())
+        gradients = examples * parameters * element
+        lines.append((
+            str(length), str(examples), _bytes(total), f"{counts['factors']}", _bytes(
+                by_form["factors"]), f"{counts['gradients']}", _bytes(by_form["gradients"]),
+            f"{total / gradients:.3f}", _bytes((ranks - 1) * total),
+        ))  # fmt: skip
+    header = ("T", "examples", "share", "#factors", "factor bytes", "#gradients",
+              "gradient bytes", "share / gradients", f"sent per rank, {ranks} ranks")  # fmt: skip
+    note = (
+        f"{model_name}: {parameters:,} parameters, {element} bytes each; per-example "
+        f"gradients of {examples} example(s): {_bytes(examples * parameters * element)}"
+    )
+    return note + "\n" + text_table(header, lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m bench.distributed payload [--tokens T ...] [--examples B] [--ranks N]``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m bench.distributed")
+    commands = parser.add_subparsers(dest="command", required=True)
+    sub = commands.add_parser("payload", help="bytes a distributed Gram matrix sends (ghost)")
+    sub.add_argument("--model", default="gpt2-124m")
+    sub.add_argument("--tokens", type=int, nargs="+", default=[128, 1024])
+    sub.add_argument("--examples", type=int, default=1)
+    sub.add_argument("--ranks", type=int, default=8)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    print(payload_report(args.model, args.tokens, args.examples, args.ranks))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

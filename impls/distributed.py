@@ -718,6 +718,18 @@ def inner(impl, model, loss_fn, batch, other, *, other_model, create_graph: bool
     return torch.cat(blocks, dim=1)
 
 
+def payload(impl, model: nn.Module, loss_fn, batch) -> dict[str, tuple[str, int]]:
+    """What a rank holding ``batch`` sends the other ranks in a distributed ``inner``: parameter
+    name -> ("factors" or "gradients", bytes), computed in this process (no group needed). Each
+    other rank receives all of it: (ranks - 1) times the total leaves each rank."""
+    side = impl._side(model, batch)
+    out = {}
+    for group in _factor_groups(impl, side, loss_fn):
+        packed = wire.pack(group)
+        out.update({n: (form, packed.sizes[n]) for n, form in packed.sent_as.items()})
+    return out
+
+
 def _factor_groups(impl, side, loss_fn) -> list[dict]:
     if side.batch_size == 0 or not side.params:
         return []

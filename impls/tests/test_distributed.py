@@ -288,6 +288,14 @@ def _failures(rank: int, world: int) -> dict:
         out[(wrapper, "still in step", "norms")] = (
             {"value": still["value"].shape} if "value" in still else still
         )
+    # a rank without examples: rows of none, columns of the others'
+    for wrapper in WRAPPERS:
+        wrapped = _wrap(copy.deepcopy(model), wrapper)
+        mine = (x, y) if rank == 0 else (x[:0], y[:0])
+        norms = _outcome(ghost.norms, wrapped, loss_fn, mine)
+        gram = _outcome(ghost.inner, wrapped, loss_fn, mine)
+        local = (ghost.norms(model, loss_fn, (x, y)), ghost.inner(model, loss_fn, (x, y)))
+        out[(wrapper, "empty shard", "-")] = (norms, gram, local if rank == 0 else None)
     replica = copy.deepcopy(model)
     if rank == 1:
         with torch.no_grad():
@@ -452,6 +460,16 @@ def test_different_calls_and_create_graph_are_refused_together(two_ranks, wrappe
 def test_the_ranks_stay_in_step_after_failures(two_ranks, wrapper):
     shapes = [results["failures"][(wrapper, "still in step", "norms")] for results in two_ranks]
     assert shapes == [{"value": torch.Size([4])}] * 2
+
+
+@pytest.mark.parametrize("wrapper", WRAPPERS)
+def test_a_rank_without_examples(two_ranks, wrapper):
+    (norms, gram, (local_norms, local_gram)), (empty_norms, empty_gram, _) = (
+        results["failures"][(wrapper, "empty shard", "-")] for results in two_ranks
+    )
+    assert _error(norms["value"], local_norms) <= TOLERANCE
+    assert _error(gram["value"], local_gram) <= TOLERANCE
+    assert empty_norms["value"].shape == (0,) and empty_gram["value"].shape == (0, 4)
 
 
 def test_replicas_out_of_sync_are_refused(two_ranks):

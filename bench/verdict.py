@@ -192,10 +192,8 @@ def floor_line(frame: pd.DataFrame, names: Sequence[str], batch_size: int) -> st
         parts.append(text)
     if not parts:
         return "floor: not measured"
-    return (
-        "floor (the forward and activation backward any per-layer method pays, plus the "
+    return "floor (the forward and activation backward any per-layer method pays, plus the " \
         "fastest exact reductions): " + "; ".join(parts)
-    )
 
 
 def verdict(frame: pd.DataFrame, names: Sequence[str], batch_size: int) -> str:

@@ -180,6 +180,30 @@ def _nested_fsdp(rank: int, world: int) -> dict:
     return out
 
 
+def _small_rounds(rank: int, world: int) -> dict:
+    """The factors sent over many all-gather rounds (a round smaller than most groups)."""
+    from impls import distributed
+
+    out = {}
+    problem = _Problem("hf_gpt2", rank, world)
+    rounds = distributed.ROUND_BYTES
+    distributed.ROUND_BYTES = 2048
+    try:
+        for wrapper in WRAPPERS:
+            model = _wrap(copy.deepcopy(problem.model), wrapper)
+            for quantity in ("gram", "cross_batch"):
+                outcome = _outcome(problem.compute, impls.get("ghost"), model, quantity)
+                if "value" in outcome:
+                    outcome = {
+                        "error": _error(outcome["value"], problem.references[quantity]),
+                        "collectives": distributed.last_traffic().collectives,
+                    }
+                out[(wrapper, quantity)] = outcome
+    finally:
+        distributed.ROUND_BYTES = rounds
+    return out
+
+
 def _training_step(model, loss_fn, batch) -> dict[str, torch.Tensor]:
     """A plain distributed step's gradients (full tensors), then zeroed."""
     from torch.distributed.tensor import DTensor
@@ -316,8 +340,9 @@ def _two_ranks(rank: int, world: int) -> dict:
 
     distributed.set_collective_timeout(COLLECTIVE_S)
     results = {}
-    for name, part in (("agreement", _agreement), ("nested", _nested_fsdp), ("state", _state),
-                       ("failures", _failures)):  # fmt: skip
+    parts = (("agreement", _agreement), ("nested", _nested_fsdp), ("rounds", _small_rounds),
+             ("state", _state), ("failures", _failures))  # fmt: skip
+    for name, part in parts:
         results[name] = part(rank, world)
     return results
 
@@ -401,11 +426,13 @@ def test_naive_on_the_fsdp2_transformer_is_exact(two_ranks):
             assert _exact(results["agreement"][("transformer", "fsdp2", "naive", quantity)])
 
 
-def test_gram_rows_are_global(two_ranks):
-    """Rows of this rank's examples, columns of every rank's (3 + 2 examples)."""
+@pytest.mark.parametrize("wrapper", WRAPPERS)
+def test_factors_sent_over_many_rounds(two_ranks, wrapper):
     for results in two_ranks:
-        outcome = results["agreement"][("mlp", "ddp", "ghost", "gram")]
-        assert _exact(outcome)
+        for quantity in ("gram", "cross_batch"):
+            outcome = results["rounds"][(wrapper, quantity)]
+            assert _exact(outcome), outcome
+            assert outcome["collectives"] > 10  # header, statuses and several rounds
 
 
 @pytest.mark.parametrize("wrapper", WRAPPERS)

@@ -374,7 +374,10 @@ def _mesh_group(shards: list[_Shard]):
 
 
 def _is_fsdp_hook(hook) -> bool:
-    from torch.distributed.fsdp._fully_shard._fsdp_state import FSDPState
+    try:
+        from torch.distributed.fsdp._fully_shard._fsdp_state import FSDPState
+    except ImportError as error:
+        raise Unsupported(f"this torch's FSDP2 keeps its hooks elsewhere ({error})") from error
 
     seen = 0
     while hook is not None and seen < 16:  # a bound method, possibly behind wrappers

@@ -110,6 +110,13 @@ def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help=f"short sweep: batch sizes {QUICK['batch_sizes']}, {QUICK['rounds']} rounds",
     )
+    parser.add_argument(
+        "--nproc",
+        type=cli.whole(1, 64),
+        default=1,
+        help="processes: above 1, every case under DDP and FSDP2 on that many CPU processes "
+        "(gloo), results in OUT/cpu-<N>proc/ (bench/distributed.py)",
+    )
     parser.add_argument("--no-check", action="store_true", help="skip the oracle checks")
     parser.add_argument("--no-memory", action="store_true", help="skip memory readings")
     parser.add_argument("--no-report", action="store_true", help="do not regenerate REPORT.md")
@@ -158,7 +165,7 @@ def validate_sweep(args) -> None:
     with cli.usage("sweep"):
         cli.check_known("implementation", args.impls, [*impls.names(), FLOOR])
         cli.check_known("bench case", args.cases, list(BY_NAME))
-        devices = args.devices or default_devices()
+        devices = args.devices or (["cpu"] if args.nproc > 1 else default_devices())
         for device in devices:
             cli.check_device(device, "--device")
         if args.fresh and args.resume:
@@ -167,6 +174,12 @@ def validate_sweep(args) -> None:
             )
         cli.check_output_folder(args.out, "--out")
         folders = [args.out / torch.device(device).type for device in devices]
+        if args.nproc > 1:
+            from bench.distributed import folder_name
+
+            if any(torch.device(device).type != "cpu" for device in devices):
+                raise ValueError("--nproc runs CPU processes (gloo): use --device cpu")
+            folders = [args.out / folder_name(device, args.nproc) for device in devices]
         for folder in folders:
             if folder.exists() and not folder.is_dir():
                 raise ValueError(f"argument --out: {folder} is not a folder")
@@ -196,6 +209,10 @@ def _previous_environments(folder: Path, resume: bool) -> list[dict]:
 
 
 def run_sweep(args) -> int:
+    if args.nproc > 1:
+        from bench import distributed
+
+        return distributed.run_sweep(args)
     import impls
     from bench import environment
     from bench.cases import BENCH_CASES, get_case

@@ -17,13 +17,16 @@ import contextlib
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from impls._guard import preserved_model
+
+if TYPE_CHECKING:
+    from impls.factors import Factors
 
 LossFn = Callable[[Any, Any], Tensor]
 
@@ -232,21 +235,20 @@ class Implementation:
         per_param: bool = False,
         create_graph: bool = False,
     ) -> Tensor | dict[str, Tensor]:
-        """L2 norm of each example's gradient: Tensor[B], or a dict name -> Tensor[B]."""
-        side = self._side(model, batch)
-        self._check_create_graph(create_graph)
-        if side.batch_size == 0:
-            empty = torch.zeros(0, dtype=side.dtype, device=side.device)
-            return {n: empty.clone() for n in side.params} if per_param else empty
-        check_per_example_gradients_defined(model)
-        if not side.params:
-            zeros = torch.zeros(side.batch_size, dtype=side.dtype, device=side.device)
-            return {} if per_param else zeros
-        with _untouched(model, create_graph=create_graph):
-            squared = self._squared_norms(side, loss_fn, create_graph)
-        if per_param:
-            return {n: _safe_sqrt(squared[n]) for n in side.params}
-        return _safe_sqrt(sum(squared.values()))
+        """L2 norm of each example's gradient: Tensor[B], or a dict name -> Tensor[B].
+
+        Under ``torch.distributed`` (the model wrapped in DistributedDataParallel or sharded
+        with FSDP2's ``fully_shard``) every rank calls this with its local shard of the batch
+        and gets its local examples' norms over all trainable parameters, whole
+        (``impls.distributed``).
+        """
+        from impls import distributed
+
+        if distributed.involved(model):
+            return distributed.norms(
+                self, model, loss_fn, batch, per_param=per_param, create_graph=create_graph
+            )
+        return self._local_norms(model, loss_fn, batch, per_param, create_graph)
 
     def inner(
         self,
@@ -262,7 +264,49 @@ class Implementation:
 
         Entry (i, j) is ⟨∇θ ℓ_i (batch, model), ∇θ' ℓ'_j (other, other_model)⟩. ``other=None``
         means the batch itself (the Gram matrix), ``other_model=None`` the same model.
+
+        Under ``torch.distributed`` (DDP or FSDP2, every rank with its local shard): Tensor
+        [B_local, B'_global], this rank's rows, the columns of every rank's shard (of
+        ``other``, or of ``batch``) in rank order (``impls.distributed``).
         """
+        from impls import distributed
+
+        if distributed.involved(model, other_model):
+            return distributed.inner(
+                self, model, loss_fn, batch, other,
+                other_model=other_model, create_graph=create_graph,
+            )  # fmt: skip
+        return self._local_inner(model, loss_fn, batch, other, other_model, create_graph)
+
+    # -- one process -----------------------------------------------------------------------------
+
+    def _local_norms(
+        self, model: nn.Module, loss_fn: LossFn, batch: Any, per_param: bool, create_graph: bool
+    ) -> Tensor | dict[str, Tensor]:
+        side = self._side(model, batch)
+        self._check_create_graph(create_graph)
+        if side.batch_size == 0:
+            empty = torch.zeros(0, dtype=side.dtype, device=side.device)
+            return {n: empty.clone() for n in side.params} if per_param else empty
+        check_per_example_gradients_defined(model)
+        if not side.params:
+            zeros = torch.zeros(side.batch_size, dtype=side.dtype, device=side.device)
+            return {} if per_param else zeros
+        with _untouched(model, create_graph=create_graph):
+            squared = self._squared_norms(side, loss_fn, create_graph)
+        if per_param:
+            return {n: _safe_sqrt(squared[n]) for n in side.params}
+        return _safe_sqrt(sum(squared.values()))
+
+    def _local_inner(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        batch: Any,
+        other: Any,
+        other_model: nn.Module | None,
+        create_graph: bool,
+    ) -> Tensor:
         side = self._side(model, batch)
         other_side = (
             side
@@ -292,6 +336,16 @@ class Implementation:
     def _inner(self, side: Side, other: Side, loss_fn: LossFn, create_graph: bool) -> Tensor:
         """Tensor[B, B'] of inner products; ``other is side`` for the Gram matrix."""
         raise NotImplementedError
+
+    def _factor_groups(self, side: Side, loss_fn: LossFn) -> list[dict[str, Factors]]:
+        """Every trainable parameter's per-example gradients as factors (``impls.factors``), in
+        groups (a layer's weight and bias together), for the cross-rank blocks of a distributed
+        ``inner``: the factors travel to the other ranks, which reduce them against their own.
+        A parameter absent from every group has zero gradients."""
+        raise Unsupported(
+            f"'{self.name}' gives no per-example gradients or factors to send to other ranks: "
+            "it has no distributed inner products"
+        )
 
     # -- helpers -------------------------------------------------------------------------------
 
@@ -327,6 +381,12 @@ class MaterialisingImplementation(Implementation):
         return {
             n: torch.linalg.vector_norm(g.flatten(1), dim=1).square() for n, g in samples.items()
         }
+
+    def _factor_groups(self, side, loss_fn):
+        from impls.factors import Dense
+
+        samples = self._grad_samples(side, loss_fn, False)
+        return [{n: Dense(g)} for n, g in samples.items()]
 
     def _inner(self, side, other, loss_fn, create_graph):
         left = self._grad_samples(side, loss_fn, create_graph)

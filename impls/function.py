@@ -211,6 +211,9 @@ class CustomFunction(Implementation):
                 parts.setdefault(name, []).append(factors.placed(shape, row))
         return {name: combine(factors) for name, factors in parts.items()}
 
+    def _factor_groups(self, side, loss_fn):
+        return [self._run(side, loss_fn)]
+
     def _squared_norms(self, side, loss_fn, create_graph):
         factors = self._run(side, loss_fn)
         norms = groups.squared_norms(factors)

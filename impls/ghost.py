@@ -45,6 +45,11 @@ class Ghost(Implementation):
         zeros = torch.zeros(side.batch_size, dtype=side.dtype, device=side.device)
         return {name: norms.get(name, zeros) for name in side.params}
 
+    def _factor_groups(self, side, loss_fn):
+        found: list = []
+        parameter_factors(side, loss_fn, False, found.append)
+        return found
+
     def _inner(self, side, other, loss_fn, create_graph):
         same = other is side
         left: dict = {}

@@ -153,7 +153,13 @@ class OpacusGhost(Implementation):
         return OpacusRun(side, loss_fn, ghost=True).run()
 
     def _inner(self, side: Side, other: Side, loss_fn, create_graph: bool) -> Tensor:
-        raise Unsupported(
-            "opacus_ghost gives per-example norms only: ghost clipping never forms per-example "
-            "gradients, so it has no inner products (use 'opacus')"
-        )
+        raise Unsupported(NORMS_ONLY)
+
+    def _factor_groups(self, side: Side, loss_fn) -> list:
+        raise Unsupported(NORMS_ONLY)
+
+
+NORMS_ONLY = (
+    "opacus_ghost gives per-example norms only: ghost clipping never forms per-example "
+    "gradients, so it has no inner products (use 'opacus')"
+)

@@ -54,8 +54,9 @@ class Vmap(MaterialisingImplementation):
 
         def loss_of_one(params, args, kwargs, targets):
             args, kwargs, targets = _unsqueeze(args), _unsqueeze(kwargs), _unsqueeze(targets)
-            outputs = functional_call(model, params, args, kwargs, strict=False)
-            return per_example_losses(loss_fn, outputs, targets, 1)[0]
+            with side.forward_precision():
+                outputs = functional_call(model, params, args, kwargs, strict=False)
+                return per_example_losses(loss_fn, outputs, targets, 1)[0]
 
         per_example = vmap(
             grad(loss_of_one),

@@ -78,6 +78,13 @@ class Outer(Factors):
     def squared_norms(self) -> Tensor:
         return outer_diagonal(self, self)
 
+    def tensors(self) -> list[Tensor]:
+        return [self.gradients, self.activations]
+
+    def _converted(self, dtype, converted):
+        return Outer(self.gradients.to(dtype), self.activations.to(dtype), self.shape,
+                     self.row_start, self.transposed)  # fmt: skip
+
     def materialise(self) -> Tensor:
         n = self.batch_size
         blocks = (self.gradients.transpose(2, 3) @ self.activations).reshape(
@@ -119,6 +126,12 @@ class GradientSums(Factors):
 
     def materialise(self) -> Tensor:
         return self.sums().reshape(self.batch_size, *self.shape)
+
+    def tensors(self) -> list[Tensor]:
+        return self.outer.tensors()
+
+    def _converted(self, dtype, converted):
+        return GradientSums(self.outer.to(dtype, converted), self.shape, self.scale)
 
     def squared_norms(self) -> Tensor:
         return squared_row_norms(self.sums())

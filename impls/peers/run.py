@@ -67,7 +67,7 @@ class LibraryRun:
             watch = self.watch()
             with torch.enable_grad(), quiet(self.package), self.context():
                 watch.track_batch(side.batched_tensors(), side.batch_size, self.exempt())
-                with watch:
+                with watch, side.forward_precision():
                     with library_errors(self.library, self.package):
                         outputs = self.forward()
                     losses = per_example_losses(self.loss_fn, outputs, side.targets,

@@ -65,6 +65,8 @@ class Vmap(MaterialisingImplementation):
             chunk_size=self.chunk_size,
         )  # fmt: skip
         what = "differentiate" if create_graph else "compute"
+        if side.autocast is not None:
+            what += f" under {side.autocast}"
         spot = _SpotOps(_WRONG_DOUBLE_BACKWARD) if create_graph else contextlib.nullcontext()
         with spot:
             try:

@@ -86,10 +86,12 @@ class Outer(Factors):
                      self.row_start, self.transposed)  # fmt: skip
 
     def materialise(self) -> Tensor:
+        """In the wider dtype of the two factors (under autocast a layer's input may be float32
+        and its output gradient bfloat16)."""
         n = self.batch_size
-        blocks = (self.gradients.transpose(2, 3) @ self.activations).reshape(
-            n, -1, self.features[1]
-        )
+        dtype = torch.promote_types(self.gradients.dtype, self.activations.dtype)
+        gradients, activations = self.gradients.to(dtype), self.activations.to(dtype)
+        blocks = (gradients.transpose(2, 3) @ activations).reshape(n, -1, self.features[1])
         if self.transposed:
             return blocks.transpose(1, 2).reshape(n, *self.shape)
         if self.full:

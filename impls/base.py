@@ -69,6 +69,16 @@ class Side:
         float32 (bfloat16 and float16 parameters give float32 results)."""
         return accumulation_dtype(p.dtype for p in self.params.values())
 
+    @property
+    def low_precision(self) -> str | None:
+        """What runs below float32 ("torch.bfloat16 parameters", "autocast(cpu, bfloat16)"), or
+        None."""
+        low = sorted({str(p.dtype) for p in self.params.values() if p.is_floating_point()
+                      and p.dtype.itemsize < 4})  # fmt: skip
+        if low:
+            return f"{', '.join(low)} parameters"
+        return None if self.autocast is None else str(self.autocast)
+
     def forward_precision(self):
         """The context the caller's forward (the model and ``loss_fn``) runs in: the caller's
         autocast, or nothing. Implementations enter it around those calls only."""
@@ -327,6 +337,7 @@ class Implementation:
         with _untouched(model, create_graph=create_graph):
             squared = self._squared_norms(side, loss_fn, create_graph)
             squared = {n: squared[n].to(dtype) for n in side.params}
+        _refuse_overflow("norms", side, *squared.values())
         if per_param:
             return {n: _safe_sqrt(squared[n]) for n in side.params}
         return _safe_sqrt(sum(squared.values()))
@@ -359,7 +370,10 @@ class Implementation:
         if not side.params:
             return torch.zeros(b1, b2, dtype=dtype, device=side.device)
         with _untouched(side.model, other_side.model, create_graph=create_graph):
-            return self._inner(side, other_side, loss_fn, create_graph).to(dtype)
+            value = self._inner(side, other_side, loss_fn, create_graph).to(dtype)
+        _refuse_overflow("inner products", side, value)
+        _refuse_overflow("inner products", other_side, value)
+        return value
 
     # -- for subclasses ------------------------------------------------------------------------
 
@@ -448,6 +462,17 @@ def _check_same_parameters(side: Side, other: Side) -> None:
         differ = sorted(n for n in set(left) & set(right) if left[n] != right[n])
         detail = f"names differ: {missing[:3]}" if missing else f"shapes differ: {differ[:3]}"
         raise ValueError(f"other_model's trainable parameters do not match the model's ({detail})")
+
+
+def _refuse_overflow(what: str, side: Side, *values: Tensor) -> None:
+    """A result that is not finite where the model runs below float32 (float16's range is
+    65504) cannot be computed in that precision: refused, not returned."""
+    low = side.low_precision
+    if low is not None and not all(bool(torch.isfinite(v).all()) for v in values):
+        raise Unsupported(
+            f"the {what} are not finite: the per-example gradients overflow with {low} (scale "
+            "the loss down, or use bfloat16 or float32)"
+        )
 
 
 def _safe_sqrt(squared: Tensor) -> Tensor:

@@ -145,3 +145,18 @@ def test_ghost_reductions_ignore_an_ambient_autocast():
         under = groups.inner_sum({"w": weight}, {"w": weight}, same=True)
     assert under.dtype == torch.float32
     torch.testing.assert_close(under, exact)
+
+
+@pytest.mark.parametrize("name", ANSWERING)
+def test_an_overflow_in_low_precision_is_refused(name):
+    """float16 overflows at 65504: per-example gradients of a loss scaled beyond it are not
+    numbers, and the call says so instead of returning inf."""
+    model, (x, y) = _mlp(torch.float16)
+
+    def huge(outputs, targets):
+        return 1e5 * _ce(outputs, targets)  # beyond float16: inf
+
+    with pytest.raises(impls.Unsupported, match="not finite: the per-example gradients overflow"):
+        impls.get(name).norms(model, huge, (x * 100, y))
+    with pytest.raises(impls.Unsupported, match="torch.float16 parameters"):
+        impls.get(name).inner(model, huge, (x * 100, y))

@@ -25,8 +25,12 @@ import pandas as pd
 TABLE_NAME = "cells.csv"
 ENVIRONMENT_NAME = "environment.json"
 
-#: the columns that identify a cell
-KEY = ("device", "case", "implementation", "quantity", "batch_size")
+#: the columns that identify a cell (``dtype``: the precision, ``bench.precision.label``)
+KEY = ("device", "case", "dtype", "implementation", "quantity", "batch_size")
+
+#: the dtype of a row that has none: tables written before the column existed held the bench
+#: cases as built, all float32
+DEFAULT_DTYPE = "float32"
 
 #: every column of the table, in order (times in seconds, memory in bytes)
 COLUMNS = (
@@ -86,8 +90,16 @@ class ResultsError(ValueError):
 
 
 def cell_key(row) -> tuple:
-    """The identifying tuple of a row (a dict or a pandas Series)."""
-    return tuple(int(row[k]) if k == "batch_size" else str(row[k]) for k in KEY)
+    """The identifying tuple of a row (a dict or a pandas Series; no dtype: DEFAULT_DTYPE)."""
+    return tuple(
+        int(row[k]) if k == "batch_size" else str(_dtype(row) if k == "dtype" else row[k])
+        for k in KEY
+    )
+
+
+def _dtype(row) -> str:
+    value = row.get("dtype")
+    return DEFAULT_DTYPE if value is None or pd.isna(value) or value == "" else str(value)
 
 
 def write_atomically(path: Path, text: str) -> None:
@@ -120,6 +132,7 @@ def to_frame(rows: Iterable[dict]) -> pd.DataFrame:
     for column in COLUMNS:
         if column not in frame:
             frame[column] = pd.NA
+    frame["dtype"] = frame["dtype"].where(frame["dtype"].notna(), DEFAULT_DTYPE)
     return frame[list(COLUMNS)]
 
 
@@ -148,6 +161,8 @@ def read_table(path: Path) -> pd.DataFrame:
 
 def _checked(raw: pd.DataFrame, path: Path) -> pd.DataFrame:
     """The table's columns with their types, or ``ResultsError`` at the first problem."""
+    if "dtype" not in raw.columns:  # written before the dtype axis: float32 cases as built
+        raw = raw.assign(dtype=DEFAULT_DTYPE)
     missing = [c for c in COLUMNS if c not in raw.columns]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""

@@ -42,7 +42,7 @@ from bench import precision as precisions
 from bench.cases import default_batch_sizes
 from bench.environment import available_memory_bytes
 from bench.floor import FLOOR, floor_step
-from bench.store import KEY, ResultStore
+from bench.store import IDENTITY, ResultStore
 from bench.store import STATUSES as STATUSES  # a cell's statuses (defined beside the table)
 from bench.timing import CellTimeout, interleaved, time_limit, time_once
 from impls import Unsupported
@@ -98,14 +98,14 @@ class Cell:
 
     @property
     def key(self) -> tuple:
-        """The values of ``bench.store.KEY``."""
-        return (self.device, self.case.name, self.dtype, self.implementation, self.quantity,
-                self.batch_size)  # fmt: skip
+        """The values of ``bench.store.IDENTITY``."""
+        return (self.device, self.case.name, self.implementation, self.quantity, self.batch_size,
+                self.dtype)  # fmt: skip
 
     @property
     def group(self) -> tuple:
-        """The cells that share an oracle check and an extrapolation history (all but B)."""
-        return self.key[:-1]
+        """The cells that share an oracle check and an extrapolation history: the key but B."""
+        return _group(self.key)
 
     def __str__(self) -> str:
         return (
@@ -151,6 +151,11 @@ def plan(
                     for name in implementations:
                         cells.append(Cell(device, case, name, quantity, int(batch_size)))
     return cells
+
+
+def _group(key: tuple) -> tuple:
+    """An identity (``bench.store.IDENTITY``) without its batch size."""
+    return (*key[:4], *key[5:])
 
 
 def _in_precisions(cases, dtypes) -> list:
@@ -422,8 +427,8 @@ class Sweep:
         """The row of the same group at the largest measured batch below this cell's."""
         best = None
         for key, row in self.store.rows.items():
-            if key[:-1] == cell.group and key[-1] < cell.batch_size:
-                if best is None or key[-1] > best["batch_size"]:
+            if _group(key) == cell.group and key[4] < cell.batch_size:
+                if best is None or key[4] > best["batch_size"]:
                     best = row
         return best
 
@@ -464,7 +469,7 @@ class Sweep:
     def measure(self, cell: Cell) -> dict:
         """Measure one cell and return its row (never raises for the cell's own failures)."""
         started = time.perf_counter()
-        row: dict[str, Any] = dict(zip(KEY, cell.key, strict=True))
+        row: dict[str, Any] = dict(zip(IDENTITY, cell.key, strict=True))
         row.update(
             threads=self.settings.threads, flags="", reason="", memory_note="", measured_at=_now()
         )

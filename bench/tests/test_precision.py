@@ -74,7 +74,7 @@ def test_a_table_without_the_dtype_column_reads_as_float32(tmp_path):
     (tmp_path / store.TABLE_NAME).write_text(old.to_csv(index=False))
     frame = store.read_table(tmp_path / store.TABLE_NAME)
     assert set(frame["dtype"]) == {store.DEFAULT_DTYPE}
-    assert store.cell_key(tiny_rows()[0])[2] == store.DEFAULT_DTYPE
+    assert store.cell_key(tiny_rows()[0])[-1] == store.DEFAULT_DTYPE
 
 
 def _run(argv) -> tuple[int, str, str]:

@@ -1,7 +1,7 @@
 """``python -m bench``: the benchmark's command line.
 
     python -m bench [sweep options]       the sweep (the default command), then REPORT.md
-    python -m bench --quick               a short sweep (at most ~3 minutes on 2 cores)
+    python -m bench --quick               a short sweep (~3 minutes on 2 cores, plus ~1 for bf16)
     python -m bench report                regenerate REPORT.md and the plots from the CSVs
 
 A sweep updates the table: the cells it measures replace their rows, every other row stays
@@ -210,6 +210,8 @@ def validate_sweep(args) -> None:
 
             if any(torch.device(device).type != "cpu" for device in devices):
                 raise ValueError("--nproc runs CPU processes (gloo): use --device cpu")
+            if args.dtypes:
+                raise ValueError("--dtype runs in one process only: not with --nproc")
             folders = [args.out / folder_name(device, args.nproc) for device in devices]
         for folder in folders:
             if folder.exists() and not folder.is_dir():

@@ -109,8 +109,9 @@ def format_rounding(errors: dict[str, dict[str, float]], precision: Precision) -
         stated = precision.tolerance[family]
         verdict = "ok" if stated >= derived else "BELOW the loop's rounding: raise it"
         too_tight |= stated < derived
+        where = f"{case}, {quantity}" if worst > 0 else "on every case"
         lines.append(
-            f"{family}: loop's largest error {worst:.2e} ({case}, {quantity}) -> tolerance "
+            f"{family}: loop's largest error {worst:.2e} ({where}) -> tolerance "
             f"{derived:g}; stated {stated:g}: {verdict}"
         )
     return "\n".join(lines), too_tight

@@ -468,7 +468,10 @@ def _refuse_overflow(what: str, side: Side, *values: Tensor) -> None:
     """A result that is not finite where the model runs below float32 (float16's range is
     65504) cannot be computed in that precision: refused, not returned."""
     low = side.low_precision
-    if low is not None and not all(bool(torch.isfinite(v).all()) for v in values):
+    if low is None or not values:
+        return
+    flat = torch.cat([v.detach().reshape(-1) for v in values])  # one check, one sync
+    if not bool(torch.isfinite(flat).all()):
         raise Unsupported(
             f"the {what} are not finite: the per-example gradients overflow with {low} (scale "
             "the loss down, or use bfloat16 or float32)"

@@ -90,6 +90,12 @@ def test_an_unknown_dtype_is_one_line(tmp_path):
     assert err.startswith("sweep: argument --dtype/--dtypes: invalid choice: 'bf8'")
 
 
+def test_dtype_is_refused_under_nproc(tmp_path):
+    code, out, err = _run(["--dtype", "bf16", "--nproc", "2", "--out", str(tmp_path)])
+    assert code == 2 and not out
+    assert err == "sweep: --dtype runs in one process only: not with --nproc\n"
+
+
 def test_a_sweep_in_two_precisions_and_its_report(tmp_path):
     argv = ["--cases", "mlp_mnist", "--impls", "ghost", "--batch-sizes", "16", "--quantities",
             "norms", "--dtype", "bf16", "autocast-bf16", "--out", str(tmp_path),

@@ -123,8 +123,8 @@ def test_the_quick_plan_measures_low_precision_at_the_smallest_size(monkeypatch,
 
     planned = []
     monkeypatch.setattr(sweep.Sweep, "run", lambda self, cells, remeasure: planned.extend(cells))
-    args = bench_main.parse_and_validate(["--quick", "--cases", "mlp_mnist", "--impls", "ghost",
-                                          "--no-report", "--out", str(tmp_path)])
+    argv = ["--quick", "--cases", "mlp_mnist", "--impls", "ghost", "--no-report"]
+    args = bench_main.parse_and_validate([*argv, "--out", str(tmp_path)])
     bench_main.run_sweep(args)
     sizes = {}
     for cell in planned:

@@ -1,7 +1,7 @@
 """``python -m bench``: the benchmark's command line.
 
     python -m bench [sweep options]       the sweep (the default command), then REPORT.md
-    python -m bench --quick               a short sweep (at most ~3 minutes on 2 cores)
+    python -m bench --quick               a short sweep (~3 minutes on 2 cores, plus ~1 for bf16)
     python -m bench report                regenerate REPORT.md and the plots from the CSVs
 
 A sweep updates the table: the cells it measures replace their rows, every other row stays
@@ -30,6 +30,7 @@ from bench.floor import FLOOR
 
 QUICK = dict(
     batch_sizes=[16, 64],  # per case, those not above the case's default ladder
+    low_precision_batch_sizes=[16],  # bench.cases.LOW_PRECISION's cells in the quick sweep
     rounds=2,
     min_run_time=0.05,
     budget=10.0,
@@ -56,6 +57,7 @@ def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
         parser, "implementations (default: every registered one, impls.names(), and the floor)"
     )
     parser.add_argument("--quantities", nargs="+", default=list(QUANTITIES), choices=QUANTITIES)
+    add_dtype_argument(parser)
     parser.add_argument(
         "--batch-sizes",
         nargs="+",
@@ -123,6 +125,35 @@ def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def add_dtype_argument(parser: argparse.ArgumentParser) -> None:
+    from bench.cases import LOW_PRECISION
+    from bench.precision import NAMES
+
+    also = ", ".join(f"{c} in {' and '.join(d)}" for c, d in LOW_PRECISION.items())
+    parser.add_argument(
+        "--dtype",
+        "--dtypes",
+        dest="dtypes",
+        nargs="+",
+        default=None,
+        choices=NAMES,
+        help=f"precisions to run every case in (bench.precision; autocast-*: float32 parameters "
+        f"under torch.autocast); default: each case as built (--quick: and {also} at "
+        f"B={QUICK['low_precision_batch_sizes']})",
+    )
+
+
+def sweep_dtypes(args, cases) -> dict[str, list[str | None]]:
+    """case name -> the precisions its cells run in (None: as built): ``--dtype``'s, else each
+    case as built, and in the quick sweep ``bench.cases.LOW_PRECISION``'s too."""
+    from bench.cases import LOW_PRECISION
+
+    if args.dtypes:
+        return {case.name: list(args.dtypes) for case in cases}
+    extra = LOW_PRECISION if args.quick else {}
+    return {case.name: [None, *extra.get(case.name, ())] for case in cases}
+
+
 def quick_batch_sizes(case_name: str) -> list[int]:
     from bench.cases import default_batch_sizes
 
@@ -179,6 +210,8 @@ def validate_sweep(args) -> None:
 
             if any(torch.device(device).type != "cpu" for device in devices):
                 raise ValueError("--nproc runs CPU processes (gloo): use --device cpu")
+            if args.dtypes:
+                raise ValueError("--dtype runs in one process only: not with --nproc")
             folders = [args.out / folder_name(device, args.nproc) for device in devices]
         for folder in folders:
             if folder.exists() and not folder.is_dir():
@@ -215,7 +248,7 @@ def run_sweep(args) -> int:
         return distributed.run_sweep(args)
     import impls
     from bench import environment
-    from bench.cases import BENCH_CASES, get_case
+    from bench.cases import BENCH_CASES, LOW_PRECISION, get_case
     from bench.report import headline, markdown_table, write_report
     from bench.store import ResultStore
     from bench.sweep import Sweep, plan
@@ -225,6 +258,10 @@ def run_sweep(args) -> int:
     batch_sizes = args.batch_sizes
     if batch_sizes is None and args.quick:
         batch_sizes = {c.name: quick_batch_sizes(c.name) for c in cases}
+        if not args.dtypes:  # the low-precision cells the quick sweep adds: the smallest size
+            smallest = QUICK["low_precision_batch_sizes"]
+            for name, dtypes in LOW_PRECISION.items():
+                batch_sizes.update({(name, dtype): smallest for dtype in dtypes})
     started = time.perf_counter()
     for device in args.devices:
         cells = plan(
@@ -233,6 +270,7 @@ def run_sweep(args) -> int:
             devices=[device],
             quantities=args.quantities,
             batch_sizes=batch_sizes,
+            dtypes=sweep_dtypes(args, cases),
         )
         folder = args.out / torch.device(device).type
         store = ResultStore(folder, keep=not args.fresh)

@@ -97,6 +97,13 @@ CPU_BATCH_SIZES = {
     "gpt2": (16, 32),
 }
 
+#: the cases the quick sweep also runs in low precision when ``--dtype`` is not given: their bf16
+#: and bf16 autocast cells beside the float32 ones (``bench.precision``)
+LOW_PRECISION = {
+    "mlp_mnist": ("bf16", "autocast-bf16"),
+    "transformer_t64": ("bf16", "autocast-bf16"),
+}
+
 #: cases whose plain step alone takes seconds get a longer cell budget (a multiple of the
 #: settings' ``budget_s``), so that a cell still fits a few interleaved rounds
 BUDGET_SCALE = {"gpt2": 6.0}

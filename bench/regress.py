@@ -405,7 +405,11 @@ def run(args: argparse.Namespace) -> int:
                 f"({attempt}/{args.confirm})",
                 flush=True,
             )
-            again = [c for c in cells if c.key[1:] in suspects]
+            again = [
+                c
+                for c in cells
+                if (c.case.name, c.implementation, c.quantity, c.batch_size) in suspects
+            ]
             remeasured = measure(again, settings, implementations, progress=not args.no_progress)
             decisions = confirm(decisions, decide(baseline.cells, remeasured, thresholds))
         wall = time.perf_counter() - started

@@ -1,8 +1,10 @@
 """REPORT.md and the plots, generated from the result tables (never edited by hand).
 
 ``write_report(root)`` reads every ``<root>/<device>/cells.csv`` and its ``environment.json``
-and writes ``<root>/REPORT.md`` and ``<root>/<device>/plots/<case>.png``; ``check(root)`` reads
-the same files and checks where they go first, writing nothing (``bench.store.ResultsError``).
+and writes ``<root>/REPORT.md`` and ``<root>/<device>/plots/<case>.png`` (``<case>-<dtype>.png``
+for a case in another precision than its own: each dtype gets its own section, plots and
+headline rows); ``check(root)`` reads the same files and checks where they go first, writing
+nothing (``bench.store.ResultsError``).
 The pieces (``fastest``, ``pivot``, ``markdown_table``, ``format_bytes``, ``format_seconds``)
 are importable for other reports.
 """
@@ -19,8 +21,11 @@ from bench import store
 from bench.cases import DESCRIPTIONS
 from bench.floor import FLOOR
 from bench.timing import NOISY_RELATIVE_IQR
+from correctness.precision import PRECISIONS
 
 REPORT_NAME = "REPORT.md"
+#: the columns that make one comparison: the implementations of a row of a table
+GROUP = ["device", "case", "dtype", "quantity", "batch_size"]
 NOISY_MARK = "~"
 WRONG_MARK = " WRONG"
 
@@ -34,14 +39,15 @@ def _correct(frame: pd.DataFrame) -> pd.Series:
 
 
 def fastest(frame: pd.DataFrame, by: str = "ratio") -> pd.DataFrame:
-    """Per (device, case, quantity, batch_size): the correct measured row with the least ``by``.
+    """Per (device, case, dtype, quantity, batch_size): the correct measured row with the least
+    ``by``.
 
     ``by`` is "ratio" (time) or "memory_ratio". Rows whose oracle check is not ``ok`` never win.
     """
     rows = frame[_correct(frame)].dropna(subset=[by])
     if rows.empty:
         return rows
-    keys = ["device", "case", "quantity", "batch_size"]
+    keys = GROUP
     best = rows.loc[rows.groupby(keys)[by].idxmin()]
     return best.sort_values(keys).reset_index(drop=True)
 
@@ -50,7 +56,7 @@ def floor_ratios(frame: pd.DataFrame) -> pd.Series:
     """Each row's time as a multiple of the floor measured beside it: its ratio to a plain step
     over the floor's ratio to its own plain step (both interleaved, so machine drift cancels).
     NaN where there is no floor row or either is missing."""
-    keys = ["device", "case", "quantity", "batch_size"]
+    keys = GROUP
     floors = frame[(frame["implementation"] == FLOOR) & _ok(frame)].set_index(keys)["ratio"]
     if floors.empty:
         return pd.Series(math.nan, index=frame.index)
@@ -148,19 +154,36 @@ def headline(frame: pd.DataFrame, device: str) -> pd.DataFrame:
     floor_text = to_floor.map(lambda v: "" if pd.isna(v) else f" ({_format_ratio(v)} floor)")
     best = best.assign(
         text=best["implementation"] + " " + best["ratio"].map(_format_ratio) + floor_text,
-        row=best["case"] + " " + best["quantity"],
-    )
+        row=[f"{_title(c, d)} {q}" for c, d, q in zip(best["case"], best["dtype"],
+                                                       best["quantity"], strict=True)],
+    )  # fmt: skip
     rows = frame[frame["device"] == device]
     order = [
-        f"{c} {q}"
-        for c in dict.fromkeys(rows["case"])
+        f"{_title(c, d)} {q}"
+        for c, d in _case_dtypes(rows)
         for q in dict.fromkeys(rows["quantity"])
-        if f"{c} {q}" in set(best["row"])
+        if f"{_title(c, d)} {q}" in set(best["row"])
     ]
     table = best.pivot_table(index="row", columns="batch_size", values="text", aggfunc="first")
     table = table.reindex(order).fillna("")
     table.columns = [f"B={int(b)}" for b in table.columns]
     return table
+
+
+def _case_dtypes(rows: pd.DataFrame) -> list[tuple[str, str]]:
+    """(case, dtype) pairs in first-seen order of the cases, each case's float32 first."""
+    pairs = list(dict.fromkeys(zip(rows["case"], rows["dtype"], strict=True)))
+    cases = list(dict.fromkeys(c for c, _ in pairs))
+    return sorted(pairs, key=lambda p: (cases.index(p[0]), p[1] != store.DEFAULT_DTYPE))
+
+
+def _title(case: str, dtype: str) -> str:
+    """``mlp_mnist``, or ``mlp_mnist in bf16`` for another dtype than float32."""
+    return case if dtype == store.DEFAULT_DTYPE else f"{case} in {dtype}"
+
+
+def _plot_name(case: str, dtype: str) -> str:
+    return f"{case}.png" if dtype == store.DEFAULT_DTYPE else f"{case}-{dtype}.png"
 
 
 def _not_measured(rows: pd.DataFrame) -> list[str]:
@@ -285,7 +308,9 @@ def plot_case(rows: pd.DataFrame, path: Path) -> Path | None:
     labels = [n for n in [*implementations, "plain fwd+bwd"] if n in handles]
     if labels:
         figure.legend([handles[n] for n in labels], labels, loc="lower center", ncol=5, fontsize=8)
-    figure.suptitle(f"{rows['case'].iloc[0]} on {rows['device'].iloc[0]} (log-log)")
+    dtype = rows["dtype"].iloc[0] if "dtype" in rows else store.DEFAULT_DTYPE
+    title = _title(rows["case"].iloc[0], dtype)
+    figure.suptitle(f"{title} on {rows['device'].iloc[0]} (log-log)")
     figure.tight_layout(rect=(0, 0.07, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.stem}.tmp.png")
@@ -341,11 +366,13 @@ def render(frame: pd.DataFrame, environments: dict[str, dict], plots: dict) -> s
         rows_device = frame[frame["device"] == device]
         environment = _environment_line(environments.get(device, {}), rows_device)
         lines += [f"## {device}", "", environment, ""]
-        for case in dict.fromkeys(rows_device["case"]):
-            rows = rows_device[rows_device["case"] == case]
-            lines += [f"### {case}", ""]
+        for case, dtype in _case_dtypes(rows_device):
+            rows = rows_device[(rows_device["case"] == case) & (rows_device["dtype"] == dtype)]
+            lines += [f"### {_title(case, dtype)}", ""]
             if case in DESCRIPTIONS:
                 lines += [DESCRIPTIONS[case], ""]
+            if dtype in PRECISIONS and dtype != store.DEFAULT_DTYPE:
+                lines += [f"In {dtype}: {PRECISIONS[dtype].description}.", ""]
             for quantity in dict.fromkeys(rows["quantity"]):
                 these = rows[rows["quantity"] == quantity]
                 times = pivot(these, _time_cell)
@@ -373,10 +400,10 @@ def render(frame: pd.DataFrame, environments: dict[str, dict], plots: dict) -> s
             missing = _not_measured(rows)
             if missing:
                 lines += ["Not measured, or not correct:", "", *missing, ""]
-            plot = plots.get((device, case), "")
+            plot = plots.get((device, case, dtype), "")
             if plot:
-                lines += [f"![{case} on {device}]({plot})", ""]
-            elif (device, case) in plots:
+                lines += [f"![{_title(case, dtype)} on {device}]({plot})", ""]
+            elif (device, case, dtype) in plots:
                 lines += ["_No plot: matplotlib is not installed here._", ""]
     return "\n".join(lines).rstrip() + "\n"
 
@@ -417,10 +444,10 @@ def write_report(root: Path = Path("results")) -> Path:
         folder = root / str(device).split(":")[0]  # the store's folder: the device type
         environments[device] = store.read_environment(folder)
         rows_device = frame[frame["device"] == device]
-        for case in dict.fromkeys(rows_device["case"]):
-            rows = rows_device[rows_device["case"] == case]
-            path = plot_case(rows, folder / "plots" / f"{case}.png")
-            plots[(device, case)] = path.relative_to(root).as_posix() if path else ""
+        for case, dtype in _case_dtypes(rows_device):
+            rows = rows_device[(rows_device["case"] == case) & (rows_device["dtype"] == dtype)]
+            path = plot_case(rows, folder / "plots" / _plot_name(case, dtype))
+            plots[(device, case, dtype)] = path.relative_to(root).as_posix() if path else ""
     path = root / REPORT_NAME
     store.write_atomically(path, render(frame, environments, plots))
     return path

@@ -25,12 +25,19 @@ import pandas as pd
 TABLE_NAME = "cells.csv"
 ENVIRONMENT_NAME = "environment.json"
 
-#: the columns that identify a cell
+#: the columns that identify a cell of a case as built
 KEY = ("device", "case", "implementation", "quantity", "batch_size")
+#: ... and every cell: KEY and the precision it ran in (``bench.precision.label``), last, so that
+#: code reading KEY's positions in an identity reads the same values
+IDENTITY = (*KEY, "dtype")
+
+#: the dtype of a row that has none: tables written before the column existed held the bench
+#: cases as built, all float32
+DEFAULT_DTYPE = "float32"
 
 #: every column of the table, in order (times in seconds, memory in bytes)
 COLUMNS = (
-    *KEY,
+    *IDENTITY,
     "status",  # ok | unsupported | oom | timeout | skipped | error
     "reason",  # why a cell is not ok, in one line
     "time_median_s",  # median seconds per call of the implementation
@@ -86,8 +93,14 @@ class ResultsError(ValueError):
 
 
 def cell_key(row) -> tuple:
-    """The identifying tuple of a row (a dict or a pandas Series)."""
-    return tuple(int(row[k]) if k == "batch_size" else str(row[k]) for k in KEY)
+    """The identifying tuple of a row, the values of IDENTITY (a dict or a pandas Series; no
+    dtype: DEFAULT_DTYPE)."""
+    return (*(int(row[k]) if k == "batch_size" else str(row[k]) for k in KEY), _dtype(row))
+
+
+def _dtype(row) -> str:
+    value = row.get("dtype")
+    return DEFAULT_DTYPE if value is None or pd.isna(value) or value == "" else str(value)
 
 
 def write_atomically(path: Path, text: str) -> None:
@@ -120,6 +133,7 @@ def to_frame(rows: Iterable[dict]) -> pd.DataFrame:
     for column in COLUMNS:
         if column not in frame:
             frame[column] = pd.NA
+    frame["dtype"] = frame["dtype"].where(frame["dtype"].notna(), DEFAULT_DTYPE)
     return frame[list(COLUMNS)]
 
 
@@ -148,6 +162,8 @@ def read_table(path: Path) -> pd.DataFrame:
 
 def _checked(raw: pd.DataFrame, path: Path) -> pd.DataFrame:
     """The table's columns with their types, or ``ResultsError`` at the first problem."""
+    if "dtype" not in raw.columns:  # written before the dtype axis: float32 cases as built
+        raw = raw.assign(dtype=DEFAULT_DTYPE)
     missing = [c for c in COLUMNS if c not in raw.columns]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
@@ -163,7 +179,7 @@ def _checked(raw: pd.DataFrame, path: Path) -> pd.DataFrame:
         if len(bad):
             problems.append((int(bad[0]), describe(int(bad[0]))))
 
-    for column in KEY:
+    for column in IDENTITY:
         values = frame[column]
         first(values.str.strip() == "", lambda i, c=column: f"{c} is empty")
         if column in ("device", "case", "implementation"):  # folder and file names
@@ -189,10 +205,10 @@ def _checked(raw: pd.DataFrame, path: Path) -> pd.DataFrame:
         row, problem = min(problems)
         raise ResultsError(f"{path}: line {row + 2}: {problem}")
     frame["batch_size"] = frame["batch_size"].astype("int64")
-    duplicated = frame.duplicated(list(KEY)).to_numpy().nonzero()[0]
+    duplicated = frame.duplicated(list(IDENTITY)).to_numpy().nonzero()[0]
     if len(duplicated):
         row = int(duplicated[0])
-        cell = " ".join(str(frame[k].iloc[row]) for k in KEY)
+        cell = " ".join(str(frame[k].iloc[row]) for k in IDENTITY)
         raise ResultsError(f"{path}: line {row + 2}: the cell {cell} appears twice")
     for column in COLUMNS:
         if column not in NUMBER_COLUMNS and column not in TEXT_COLUMNS:

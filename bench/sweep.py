@@ -1,4 +1,4 @@
-"""The sweep: implementation x case x batch size x quantity x device, one row per cell.
+"""The sweep: implementation x case x dtype x batch size x quantity x device, one row per cell.
 
 For every cell the implementation's call and a plain forward+backward of the same model and
 batch are timed interleaved in this process (``bench.timing``), the peak memory of one call of
@@ -14,6 +14,10 @@ tolerance. It is recorded in every row of that group (column ``correct``).
 
 Reusable pieces: ``plan`` (which cells), ``Sweep(store, settings).run(cells)`` (measure them),
 ``Sweep.measure(cell)`` (one row), ``quantity_call`` / ``plain_step`` (the timed callables).
+
+The dtype axis (``bench.precision``): a cell's case may be a case in a precision (bf16
+parameters, bf16 autocast); its implementation call runs inside the precision's autocast, the
+plain step's forward too, and its check holds it to that precision's tolerance.
 """
 
 from __future__ import annotations
@@ -34,10 +38,11 @@ import torch
 
 import impls
 from bench import memory as memory_module
+from bench import precision as precisions
 from bench.cases import default_batch_sizes
 from bench.environment import available_memory_bytes
 from bench.floor import FLOOR, floor_step
-from bench.store import KEY, ResultStore
+from bench.store import IDENTITY, ResultStore
 from bench.store import STATUSES as STATUSES  # a cell's statuses (defined beside the table)
 from bench.timing import CellTimeout, interleaved, time_limit, time_once
 from impls import Unsupported
@@ -87,17 +92,24 @@ class Cell:
     batch_size: int
 
     @property
+    def dtype(self) -> str:
+        """The precision the cell runs in (``bench.precision.label``)."""
+        return precisions.label(self.case)
+
+    @property
     def key(self) -> tuple:
-        return (self.device, self.case.name, self.implementation, self.quantity, self.batch_size)
+        """The values of ``bench.store.IDENTITY``."""
+        return (self.device, self.case.name, self.implementation, self.quantity, self.batch_size,
+                self.dtype)  # fmt: skip
 
     @property
     def group(self) -> tuple:
-        """The cells that share an oracle check and an extrapolation history."""
-        return self.key[:4]
+        """The cells that share an oracle check and an extrapolation history: the key but B."""
+        return _group(self.key)
 
     def __str__(self) -> str:
         return (
-            f"{self.device} {self.case.name} {self.implementation} {self.quantity} "
+            f"{self.device} {self.case.name} {self.dtype} {self.implementation} {self.quantity} "
             f"B={self.batch_size}"
         )
 
@@ -113,20 +125,25 @@ def plan(
     devices: Sequence[str] = ("cpu",),
     quantities: Sequence[str] = QUANTITIES,
     batch_sizes: Sequence[int] | Mapping[str, Sequence[int]] | None = None,
+    dtypes: Sequence[str | None] | Mapping[str, Sequence[str | None]] = (None,),
 ) -> list[Cell]:
     """The cells of a sweep, in the order they are measured.
 
     Per device and case the batch sizes ascend in the outer loop, so that every cell can be
     extrapolated from the same implementation at a smaller batch. ``batch_sizes``: one list for
     every case, a dict case name -> list, or None for ``bench.cases.default_batch_sizes``.
+    ``dtypes``: the precisions (``bench.precision.NAMES``; None: the case as built) of every
+    case, or a dict case name -> them (a case missing from it: as built); a ``batch_sizes`` dict
+    may give a case's cells in one precision their own sizes, under (case name, dtype).
     """
     cells = []
     for device in devices:
-        for case in cases:
+        for case in _in_precisions(cases, dtypes):
             if batch_sizes is None:
                 sizes = default_batch_sizes(case.name, torch.device(device).type)
             elif isinstance(batch_sizes, Mapping):
-                sizes = batch_sizes[case.name]
+                sizes = batch_sizes.get((case.name, precisions.label(case)))
+                sizes = batch_sizes[case.name] if sizes is None else sizes
             else:
                 sizes = batch_sizes
             for batch_size in sorted(set(sizes)):
@@ -136,26 +153,59 @@ def plan(
     return cells
 
 
+def _group(key: tuple) -> tuple:
+    """An identity (``bench.store.IDENTITY``) without its batch size."""
+    return (*key[:4], *key[5:])
+
+
+def _in_precisions(cases, dtypes) -> list:
+    """Every case in each of its precisions, in order."""
+    out = []
+    for case in cases:
+        names = dtypes.get(case.name, (None,)) if isinstance(dtypes, Mapping) else dtypes
+        for name in dict.fromkeys(names):
+            out.append(precisions.in_precision(case, name))
+    return out
+
+
 # -- the timed callables ---------------------------------------------------------------------------
 
 
-def quantity_call(implementation, quantity: str, model, loss_fn, batch) -> Callable[[], Any]:
-    """A zero-argument callable computing ``quantity`` ("norms" or "gram") for the batch."""
+def quantity_call(
+    implementation, quantity: str, model, loss_fn, batch, context=contextlib.nullcontext
+) -> Callable[[], Any]:
+    """A zero-argument callable computing ``quantity`` ("norms" or "gram") for the batch,
+    inside ``context()`` (a precision's autocast: ``bench.precision.forward_context``)."""
     if quantity == "norms":
-        return partial(implementation.norms, model, loss_fn, batch)
-    if quantity == "gram":
-        return partial(implementation.inner, model, loss_fn, batch)
-    raise ValueError(f"unknown quantity '{quantity}'; known: {', '.join(QUANTITIES)}")
+        call = partial(implementation.norms, model, loss_fn, batch)
+    elif quantity == "gram":
+        call = partial(implementation.inner, model, loss_fn, batch)
+    else:
+        raise ValueError(f"unknown quantity '{quantity}'; known: {', '.join(QUANTITIES)}")
+    return _within(context, call)
 
 
-def plain_step(model, loss_fn, batch) -> Callable[[], None]:
+def _within(context, call: Callable[[], Any]) -> Callable[[], Any]:
+    """``call`` run inside ``context()`` (itself when that is no context)."""
+    if context is contextlib.nullcontext:
+        return call
+
+    def within() -> Any:
+        with context():
+            return call()
+
+    return within
+
+
+def plain_step(model, loss_fn, batch, context=contextlib.nullcontext) -> Callable[[], None]:
     """A zero-argument plain training step: forward, ``loss.sum().backward()``.
 
     The model is called as the batch holds its inputs: ``model(x)`` for a Tensor,
     ``model(*inputs)`` for a tuple, ``model(**inputs)`` for a mapping of names (as the
     implementations call it). Gradients are set to None first, as ``optimizer.zero_grad()``
     does, so every call does the same work (allocating ``.grad``) instead of accumulating into
-    the last call's.
+    the last call's. ``context``: what the forward and the loss run in (a precision's autocast;
+    the backward runs outside it, as in a mixed-precision training step).
     """
     from correctness.oracle import call
 
@@ -163,7 +213,9 @@ def plain_step(model, loss_fn, batch) -> Callable[[], None]:
 
     def step() -> None:
         model.zero_grad(set_to_none=True)
-        loss_fn(call(model, inputs), targets).sum().backward()
+        with context():
+            losses = loss_fn(call(model, inputs), targets)
+        losses.sum().backward()
 
     return step
 
@@ -258,14 +310,14 @@ class Sweep:
         return self.implementations[name]
 
     def model(self, device: str, case) -> torch.nn.Module:
-        key = (device, case.name)
+        key = (device, case.name, precisions.label(case))
         if key not in self._models:
             self._models.clear()  # one model at a time: bench models are big
             self._models[key] = case.make_model(self.settings.seed, device)
         return self._models[key]
 
     def batch(self, device: str, case, batch_size: int):
-        key = (device, case.name, batch_size)
+        key = (device, case.name, precisions.label(case), batch_size)
         if self._batch is None or self._batch[0] != key:
             self._batch = None
             self._batch = (key, case.make_batch(batch_size, self.settings.seed, device))
@@ -284,7 +336,7 @@ class Sweep:
         step alone takes seconds (``bench.cases.BUDGET_SCALE``)."""
         from bench.cases import budget_scale
 
-        return self.settings.budget_s * budget_scale(cell.case)
+        return self.settings.budget_s * budget_scale(precisions.unwrapped(cell.case))
 
     # -- the oracle check --------------------------------------------------------------------
 
@@ -300,29 +352,33 @@ class Sweep:
     def _reference(self, device: str, case):
         """(the check's batch, quantity -> float64 reference, quantity -> tolerance).
 
-        The tolerance is the agreement harness's for the case's dtype, or ten times the
-        rounding of a plain per-example loop in the model's own dtype on this very model and
-        batch, whichever is larger: a large float32 model (GPT-2's 5 million parameters, losses
-        summed over 128 tokens) rounds far above the tiny zoo models' 1e-4, while a missing or
-        misplaced contribution stays far above its rounding.
+        The tolerance is the agreement harness's for the case's dtype (for its precision, in a
+        low precision), or ten times the rounding of a plain per-example loop in the model's own
+        dtype (under the precision's autocast) on this very model and batch, whichever is
+        larger: a large float32 model (GPT-2's 5 million parameters, losses summed over 128
+        tokens) rounds far above the tiny zoo models' 1e-4, while a missing or misplaced
+        contribution stays far above its rounding.
         """
         from correctness import oracle
         from correctness.harness import TOLERANCE, relative_error
 
-        key = (device, case.name)
+        key = (device, case.name, precisions.label(case))
         if key not in self._references:
             batch = case.make_batch(self.settings.check_batch_size, self.settings.seed + 1, device)
             model = self.model(device, case)
             grads = oracle.per_example_gradients(model, case.loss_fn, batch)
             references = {"norms": oracle.norms(grads), "gram": oracle.inner(grads, grads)}
             floor = TOLERANCE.get(getattr(case, "dtype", torch.float32), 1e-4)
-            tolerances = dict.fromkeys(references, floor)
+            tolerances = precisions.tolerances(case) or dict.fromkeys(references, floor)
             if not _is_float64(model):
-                loop = oracle.per_example_gradients(model, case.loss_fn, batch, in_model_dtype=True)
+                loop = oracle.per_example_gradients(
+                    model, case.loss_fn, batch, in_model_dtype=True,
+                    forward=precisions.forward_context(case, device),
+                )  # fmt: skip
                 rounding = {"norms": oracle.norms(loop), "gram": oracle.inner(loop, loop)}
                 for q, value in rounding.items():
                     noise = relative_error(value, references[q])
-                    tolerances[q] = max(floor, ROUNDING_FACTOR * noise)
+                    tolerances[q] = max(tolerances[q], ROUNDING_FACTOR * noise)
             self._references = {key: (batch, references, tolerances)}
         return self._references[key]
 
@@ -342,6 +398,7 @@ class Sweep:
                     model,
                     cell.case.loss_fn,
                     batch,
+                    precisions.forward_context(cell.case, cell.device),
                 )
                 with time_limit(limit):
                     value = call()
@@ -370,7 +427,7 @@ class Sweep:
         """The row of the same group at the largest measured batch below this cell's."""
         best = None
         for key, row in self.store.rows.items():
-            if key[:4] == cell.group and key[4] < cell.batch_size:
+            if _group(key) == cell.group and key[4] < cell.batch_size:
                 if best is None or key[4] > best["batch_size"]:
                     best = row
         return best
@@ -412,7 +469,7 @@ class Sweep:
     def measure(self, cell: Cell) -> dict:
         """Measure one cell and return its row (never raises for the cell's own failures)."""
         started = time.perf_counter()
-        row: dict[str, Any] = dict(zip(KEY, cell.key, strict=True))
+        row: dict[str, Any] = dict(zip(IDENTITY, cell.key, strict=True))
         row.update(
             threads=self.settings.threads, flags="", reason="", memory_note="", measured_at=_now()
         )
@@ -444,16 +501,19 @@ class Sweep:
         s = self.settings
         model = self.model(cell.device, cell.case)
         batch = self.batch(cell.device, cell.case, cell.batch_size)
+        context = precisions.forward_context(cell.case, cell.device)
         if cell.implementation == FLOOR:
-            call = floor_step(model, cell.case.loss_fn, batch, cell.quantity)
+            with context():  # the floor's capture and its timed step under the precision too
+                call = floor_step(model, cell.case.loss_fn, batch, cell.quantity)
+            call = _within(context, call)
             started = time.perf_counter()  # capturing factors and choosing forms is not timed
         else:
             call = quantity_call(
                 self.implementation(cell.implementation), cell.quantity, model,
-                cell.case.loss_fn, batch,
+                cell.case.loss_fn, batch, context,
             )  # fmt: skip
-        plain = plain_step(model, cell.case.loss_fn, batch)
-        plain_key = (cell.device, cell.case.name, cell.batch_size)
+        plain = plain_step(model, cell.case.loss_fn, batch, context)
+        plain_key = (cell.device, cell.case.name, cell.dtype, cell.batch_size)
 
         budget = self.budget(cell)
         call_limit = budget / MIN_CALLS_PER_CELL

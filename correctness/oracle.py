@@ -7,8 +7,10 @@ with the reference it is judged against.
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -61,6 +63,7 @@ def per_example_gradients(
     *,
     reference: nn.Module | None = None,
     in_model_dtype: bool = False,
+    forward: Callable[[], Any] = contextlib.nullcontext,
 ) -> dict[str, Tensor]:
     """name -> Tensor[B, *shape] over the trainable parameters (first name of a tied one), in
     float64.
@@ -70,6 +73,9 @@ def per_example_gradients(
     they can be differentiated again w.r.t. the reference's parameters. ``in_model_dtype``: the
     same loop in the model's own dtype (how far a plain per-example loop in, say, float32 is from
     float64 on this model: the rounding any implementation in that dtype is allowed).
+    ``forward``: a context each example's forward (model and loss_fn, not the backward) runs
+    in, such as ``torch.autocast``'s (with ``in_model_dtype``: the loop a caller training under
+    autocast runs).
     """
     check_per_example_gradients_defined(model)
     create_graph = reference is not None
@@ -82,7 +88,8 @@ def per_example_gradients(
     size = batch_size_of(inputs)
     rows = []
     for i in range(size):
-        loss = loss_fn(call(reference, _example(inputs, i)), _example(targets, i))
+        with forward():
+            loss = loss_fn(call(reference, _example(inputs, i)), _example(targets, i))
         grads = torch.autograd.grad(
             loss.sum(), list(params.values()), allow_unused=True, create_graph=create_graph
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pandas as pd
 
 from correctness.harness import Outcome
+from correctness.precision import FAMILY, Precision, tolerance_from
 
 FAMILIES = {
     "norms": ("norms", "per_param"),
@@ -59,9 +60,13 @@ def matrices(outcomes: list[Outcome]) -> tuple[dict[str, pd.DataFrame], dict[str
 def format_matrix(outcomes: list[Outcome]) -> str:
     tables, notes = matrices(outcomes)
     lines = []
+    precision = next((o.precision for o in outcomes if o.precision), None)
+    where = f" in {precision}" if precision else ""
     for family, table in tables.items():
         quantities = ", ".join(FAMILIES[family])
-        lines.append(f"== {family} ({quantities}): max relative error vs the float64 oracle ==")
+        lines.append(
+            f"== {family} ({quantities}){where}: max relative error vs the float64 oracle =="
+        )
         with pd.option_context("display.width", 250, "display.max_columns", None):
             lines.append(table.to_string())
         lines.append("")
@@ -76,3 +81,37 @@ def format_matrix(outcomes: list[Outcome]) -> str:
         f"{sum(o.status == 'error' for o in outcomes)} error"
     )
     return "\n".join(lines)
+
+
+def format_rounding(errors: dict[str, dict[str, float]], precision: Precision) -> tuple[str, bool]:
+    """(the text, whether a stated tolerance is tighter than the loop's rounding allows).
+
+    ``errors``: case -> quantity -> relative error of a plain per-example loop in ``precision``
+    (cases whose gradients are undefined have none). Per family: the largest error, the
+    tolerance it gives (``tolerance_from``) and the one ``precision`` states.
+    """
+    rows = {case: {q: f"{e:.1e}" for q, e in by.items()} for case, by in errors.items() if by}
+    lines = [
+        f"== a plain per-example loop in {precision.name} ({precision.description}): relative "
+        "error vs the float64 oracle ==",
+    ]
+    with pd.option_context("display.width", 250, "display.max_columns", None):
+        lines.append(pd.DataFrame.from_dict(rows, orient="index").to_string())
+    lines.append("")
+    too_tight = False
+    for family in dict.fromkeys(FAMILY.values()):
+        found = [(e, case, q) for case, by in errors.items() for q, e in by.items()
+                 if FAMILY[q] == family]  # fmt: skip
+        if not found:
+            continue
+        worst, case, quantity = max(found)
+        derived = tolerance_from(worst, precision.floor)
+        stated = precision.tolerance[family]
+        verdict = "ok" if stated >= derived else "BELOW the loop's rounding: raise it"
+        too_tight |= stated < derived
+        where = f"{case}, {quantity}" if worst > 0 else "on every case"
+        lines.append(
+            f"{family}: loop's largest error {worst:.2e} ({where}) -> tolerance "
+            f"{derived:g}; stated {stated:g}: {verdict}"
+        )
+    return "\n".join(lines), too_tight

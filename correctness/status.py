@@ -3,7 +3,9 @@
 A refusal that appears where the snapshot says ok (or an answer where it says unsupported) fails
 the tests until someone updates the snapshot on purpose (``python -m correctness
 --update-status``), so that neither a new refusal nor one of our own bugs can pass as a peer's
-limitation. WRONG and error are never recorded: they always fail.
+limitation. WRONG and error are never recorded: they always fail. Each precision of
+``correctness.precision`` has its own snapshot (``status-bf16.json``, ..., :func:`path_for`;
+``python -m correctness --dtype bf16 --update-status``).
 """
 
 from __future__ import annotations
@@ -15,6 +17,12 @@ from pathlib import Path
 from correctness.harness import Outcome
 
 PATH = Path(__file__).with_name("status.json")
+
+
+def path_for(precision: str | None) -> Path:
+    """The snapshot of a precision of ``correctness.precision`` (``status-NAME.json``), or the
+    default one (each case in its own dtype) for None."""
+    return PATH if precision is None else PATH.with_name(f"status-{precision}.json")
 
 
 def load(path: Path = PATH) -> dict[str, dict[str, dict[str, str]]]:

@@ -536,6 +536,7 @@ class Capture:
         return ModuleCall(
             frame.label, frame.module, frame.args, frame.kwargs, arg_layouts, frame.outputs,
             output_layouts, wanted, self.batch_size, self.create_graph, frame=frame,
+            forward_precision=self.side.forward_precision,
         )  # fmt: skip
 
     def _layout(self, x, frame: Frame) -> Layout | None:
@@ -837,7 +838,7 @@ def _nodes_above(root: Node, captured: set[Node]) -> set[Node]:
 def captured_forward(side: Side, loss_fn, create_graph: bool) -> tuple[Capture, Tensor]:
     """Run the forward and loss under a capture: the capture and the summed loss."""
     capture = Capture(side, create_graph=create_graph)
-    with capture:
+    with capture, side.forward_precision():
         outputs = side.call_model()
         losses = per_example_losses(loss_fn, outputs, side.targets, side.batch_size)
         capture.check_losses(losses)

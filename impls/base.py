@@ -9,6 +9,11 @@ trainable parameters θ (those with ``requires_grad=True``):
 Subclasses implement ``_squared_norms`` and ``_inner`` on validated, non-empty input; this class
 does the validation, the empty-batch answers, the BatchNorm refusal and the guarantees that the
 caller's model and random state are untouched.
+
+Low precision (``impls._precision``): bfloat16 / float16 parameters run as given; a call made
+inside ``torch.autocast(...)`` runs the caller's forward (model and ``loss_fn``, through
+:meth:`Side.forward_precision`) under that autocast and everything else outside it. Results are
+in :attr:`Side.result_dtype` (float32 for parameters below float32, else their dtype).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from impls._guard import preserved_model
+from impls._precision import Autocast, accumulation_dtype, ambient_autocast, without_autocast
 
 if TYPE_CHECKING:
     from impls.factors import Factors
@@ -40,7 +46,9 @@ class Side:
     """One side of a question: a model, its trainable parameters and a validated batch.
 
     The model is called as ``model(*args, **kwargs)``: ``args`` from a Tensor or a tuple of
-    inputs, ``kwargs`` from a mapping (the Hugging Face habit, ``model(**batch)``).
+    inputs, ``kwargs`` from a mapping (the Hugging Face habit, ``model(**batch)``). ``autocast``:
+    the autocast region the caller called the implementation in (None: none), under which the
+    forward runs (:meth:`forward_precision`).
     """
 
     model: nn.Module
@@ -49,10 +57,32 @@ class Side:
     kwargs: dict
     targets: Any
     batch_size: int
+    autocast: Autocast | None = None
 
     @property
     def dtype(self) -> torch.dtype:
         return next(iter(self.params.values())).dtype if self.params else torch.get_default_dtype()
+
+    @property
+    def result_dtype(self) -> torch.dtype:
+        """The dtype of the results and of every reduction: the parameters' dtype, at least
+        float32 (bfloat16 and float16 parameters give float32 results)."""
+        return accumulation_dtype(p.dtype for p in self.params.values())
+
+    @property
+    def low_precision(self) -> str | None:
+        """What runs below float32 ("torch.bfloat16 parameters", "autocast(cpu, bfloat16)"), or
+        None."""
+        low = sorted({str(p.dtype) for p in self.params.values() if p.is_floating_point()
+                      and p.dtype.itemsize < 4})  # fmt: skip
+        if low:
+            return f"{', '.join(low)} parameters"
+        return None if self.autocast is None else str(self.autocast)
+
+    def forward_precision(self):
+        """The context the caller's forward (the model and ``loss_fn``) runs in: the caller's
+        autocast, or nothing. Implementations enter it around those calls only."""
+        return self.autocast() if self.autocast is not None else contextlib.nullcontext()
 
     @property
     def device(self) -> torch.device:
@@ -199,12 +229,17 @@ def _untouched(*models: nn.Module, create_graph: bool = False):
 
     Gradients are enabled inside (a caller under ``torch.no_grad()`` still gets an answer); with
     ``create_graph`` attention runs on the math kernel, the fused ones have no double backward.
+    The caller's autocast is off inside: implementations enter it again around the forward only
+    (:meth:`Side.forward_precision`).
     """
     devices = sorted(
         {p.device.index or 0 for m in models for p in m.parameters() if p.device.type == "cuda"}
     )
+    device_types = sorted({p.device.type for m in models for p in m.parameters()})
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch.enable_grad())
+        for device_type in device_types:
+            stack.enter_context(without_autocast(device_type))
         if create_graph:
             stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
         stack.enter_context(torch.random.fork_rng(devices=devices))
@@ -241,6 +276,9 @@ class Implementation:
         with FSDP2's ``fully_shard``) every rank calls this with its local shard of the batch
         and gets its local examples' norms over all trainable parameters, whole
         (``impls.distributed``).
+
+        In :attr:`Side.result_dtype`: the parameters' dtype, at least float32. Called inside
+        ``torch.autocast``, the forward (model and loss_fn) runs under that autocast.
         """
         from impls import distributed
 
@@ -268,6 +306,9 @@ class Implementation:
         Under ``torch.distributed`` (DDP or FSDP2, every rank with its local shard): Tensor
         [B_local, B'_global], this rank's rows, the columns of every rank's shard (of
         ``other``, or of ``batch``) in rank order (``impls.distributed``).
+
+        In :attr:`Side.result_dtype` (the parameters' dtype, at least float32); called inside
+        ``torch.autocast``, both forwards run under that autocast.
         """
         from impls import distributed
 
@@ -285,15 +326,18 @@ class Implementation:
     ) -> Tensor | dict[str, Tensor]:
         side = self._side(model, batch)
         self._check_create_graph(create_graph)
+        dtype = side.result_dtype
         if side.batch_size == 0:
-            empty = torch.zeros(0, dtype=side.dtype, device=side.device)
+            empty = torch.zeros(0, dtype=dtype, device=side.device)
             return {n: empty.clone() for n in side.params} if per_param else empty
         check_per_example_gradients_defined(model)
         if not side.params:
-            zeros = torch.zeros(side.batch_size, dtype=side.dtype, device=side.device)
+            zeros = torch.zeros(side.batch_size, dtype=dtype, device=side.device)
             return {} if per_param else zeros
         with _untouched(model, create_graph=create_graph):
             squared = self._squared_norms(side, loss_fn, create_graph)
+            squared = {n: squared[n].to(dtype) for n in side.params}
+        _refuse_overflow("norms", side, *squared.values())
         if per_param:
             return {n: _safe_sqrt(squared[n]) for n in side.params}
         return _safe_sqrt(sum(squared.values()))
@@ -318,14 +362,18 @@ class Implementation:
         _check_same_parameters(side, other_side)
         self._check_create_graph(create_graph)
         b1, b2 = side.batch_size, other_side.batch_size
+        dtype = accumulation_dtype([side.result_dtype, other_side.result_dtype])
         if b1 == 0 or b2 == 0:
-            return torch.zeros(b1, b2, dtype=side.dtype, device=side.device)
+            return torch.zeros(b1, b2, dtype=dtype, device=side.device)
         check_per_example_gradients_defined(side.model)
         check_per_example_gradients_defined(other_side.model)
         if not side.params:
-            return torch.zeros(b1, b2, dtype=side.dtype, device=side.device)
+            return torch.zeros(b1, b2, dtype=dtype, device=side.device)
         with _untouched(side.model, other_side.model, create_graph=create_graph):
-            return self._inner(side, other_side, loss_fn, create_graph)
+            value = self._inner(side, other_side, loss_fn, create_graph).to(dtype)
+        _refuse_overflow("inner products", side, value)
+        _refuse_overflow("inner products", other_side, value)
+        return value
 
     # -- for subclasses ------------------------------------------------------------------------
 
@@ -354,7 +402,10 @@ class Implementation:
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         args, kwargs, targets, size = split_batch(batch)
-        return Side(model, trainable_parameters(model), args, kwargs, targets, size)
+        params = trainable_parameters(model)
+        side = Side(model, params, args, kwargs, targets, size)
+        side.autocast = ambient_autocast(side.device.type)
+        return side
 
     def _check_create_graph(self, create_graph: bool) -> None:
         if create_graph and not self.differentiable:
@@ -368,6 +419,8 @@ class MaterialisingImplementation(Implementation):
     """An implementation that builds every example's gradient, then reduces it.
 
     Subclasses implement ``_grad_samples``: dict name -> Tensor[B, *param.shape].
+    Per-example gradients may be in a dtype below float32 (bfloat16 parameters); their norms and
+    products are formed in :attr:`Side.result_dtype`.
     """
 
     def _grad_samples(self, side: Side, loss_fn: LossFn, create_graph: bool) -> dict[str, Tensor]:
@@ -375,11 +428,13 @@ class MaterialisingImplementation(Implementation):
 
     def _squared_norms(self, side, loss_fn, create_graph):
         samples = self._grad_samples(side, loss_fn, create_graph)
+        dtype = side.result_dtype
         if create_graph:  # differentiable everywhere, also where a gradient is zero
-            return {n: g.flatten(1).pow(2).sum(1) for n, g in samples.items()}
+            return {n: g.flatten(1).to(dtype).pow(2).sum(1) for n, g in samples.items()}
         # vector_norm reduces without a [B, P] temporary (5x faster on large layers)
         return {
-            n: torch.linalg.vector_norm(g.flatten(1), dim=1).square() for n, g in samples.items()
+            n: torch.linalg.vector_norm(g.flatten(1), dim=1, dtype=dtype).square()
+            for n, g in samples.items()
         }
 
     def _factor_groups(self, side, loss_fn):
@@ -391,7 +446,10 @@ class MaterialisingImplementation(Implementation):
     def _inner(self, side, other, loss_fn, create_graph):
         left = self._grad_samples(side, loss_fn, create_graph)
         right = left if other is side else self._grad_samples(other, loss_fn, create_graph)
-        return sum(left[n].flatten(1) @ right[n].flatten(1).T for n in side.params)
+        dtype = accumulation_dtype([side.result_dtype, other.result_dtype])
+        return sum(
+            left[n].flatten(1).to(dtype) @ right[n].flatten(1).to(dtype).T for n in side.params
+        )
 
 
 def _check_same_parameters(side: Side, other: Side) -> None:
@@ -404,6 +462,20 @@ def _check_same_parameters(side: Side, other: Side) -> None:
         differ = sorted(n for n in set(left) & set(right) if left[n] != right[n])
         detail = f"names differ: {missing[:3]}" if missing else f"shapes differ: {differ[:3]}"
         raise ValueError(f"other_model's trainable parameters do not match the model's ({detail})")
+
+
+def _refuse_overflow(what: str, side: Side, *values: Tensor) -> None:
+    """A result that is not finite where the model runs below float32 (float16's range is
+    65504) cannot be computed in that precision: refused, not returned."""
+    low = side.low_precision
+    if low is None or not values:
+        return
+    flat = torch.cat([v.detach().reshape(-1) for v in values])  # one check, one sync
+    if not bool(torch.isfinite(flat).all()):
+        raise Unsupported(
+            f"the {what} are not finite: the per-example gradients overflow with {low} (scale "
+            "the loss down, or use bfloat16 or float32)"
+        )
 
 
 def _safe_sqrt(squared: Tensor) -> Tensor:

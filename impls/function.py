@@ -57,7 +57,9 @@ class LinearFunction(torch.autograd.Function):
     def backward(ctx, grad_output):
         ctx.sink.append(grad_output)
         (weight,) = ctx.saved_tensors
-        grad_x = grad_output @ weight if ctx.needs_input_grad[0] else None
+        # under autocast the forward multiplied by the weight cast to the output's dtype; the
+        # backward runs outside autocast, so it casts the same way (autograd casts ∂/∂x to x's)
+        grad_x = grad_output @ weight.to(grad_output.dtype) if ctx.needs_input_grad[0] else None
         return grad_x, None, None, None
 
 
@@ -81,7 +83,7 @@ class ConvFunction(torch.autograd.Function):
             (weight,) = ctx.saved_tensors
             shape, stride, padding, dilation, groups = ctx.conv
             grad_x = _CONV_INPUT_GRAD[weight.dim() - 2](
-                shape, weight, grad_output, stride, padding, dilation, groups
+                shape, weight.to(grad_output.dtype), grad_output, stride, padding, dilation, groups
             )
         return grad_x, None, None, None, None, None, None, None
 
@@ -191,7 +193,7 @@ class CustomFunction(Implementation):
         """name -> the factors of each trainable parameter's per-example gradients."""
         capture = FunctionCapture(side)
         with torch.enable_grad():
-            with capture:
+            with capture, side.forward_precision():
                 outputs = side.call_model()
                 losses = per_example_losses(loss_fn, outputs, side.targets, side.batch_size)
                 capture.check_losses(losses)
@@ -217,7 +219,7 @@ class CustomFunction(Implementation):
     def _squared_norms(self, side, loss_fn, create_graph):
         factors = self._run(side, loss_fn)
         norms = groups.squared_norms(factors)
-        zeros = torch.zeros(side.batch_size, dtype=side.dtype, device=side.device)
+        zeros = torch.zeros(side.batch_size, dtype=side.result_dtype, device=side.device)
         return {name: norms.get(name, zeros) for name in side.params}
 
     def _inner(self, side, other, loss_fn, create_graph):
@@ -225,6 +227,6 @@ class CustomFunction(Implementation):
         right = left if other is side else self._run(other, loss_fn)
         total = groups.inner_sum(left, right, other is side)
         if total is None:
-            return torch.zeros(side.batch_size, other.batch_size, dtype=side.dtype,
+            return torch.zeros(side.batch_size, other.batch_size, dtype=side.result_dtype,
                                device=side.device)  # fmt: skip
         return total

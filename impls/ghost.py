@@ -20,6 +20,14 @@ parameter used at several places (tied weights, a module called twice) gets the 
 with the exact cross terms between the places. ``create_graph=True`` keeps the graph through the
 captured activations and output gradients, so the results can be differentiated w.r.t. the
 parameters.
+
+Low precision. With bfloat16 / float16 parameters, or called inside ``torch.autocast`` (the
+caller's forward runs under it, ghost's backward and reductions do not), the factors are in the
+low dtype the forward and backward produced them in (activations and output gradients, exactly
+as the training step uses them). Every reduction converts a group's factors to float32 first
+(``impls.factors.groups``), so all products and sums accumulate in float32 — the per-position
+products, the materialised tiles, the token matches — whatever autocast is active; results are
+float32 (float64 for float64 parameters). Only one group's float32 copy exists at a time.
 """
 
 from __future__ import annotations
@@ -42,7 +50,7 @@ class Ghost(Implementation):
             norms.update(groups.squared_norms(group))
 
         parameter_factors(side, loss_fn, create_graph, consume)
-        zeros = torch.zeros(side.batch_size, dtype=side.dtype, device=side.device)
+        zeros = torch.zeros(side.batch_size, dtype=side.result_dtype, device=side.device)
         return {name: norms.get(name, zeros) for name in side.params}
 
     def _factor_groups(self, side, loss_fn):
@@ -55,7 +63,9 @@ class Ghost(Implementation):
         left: dict = {}
         if not same:
             parameter_factors(side, loss_fn, create_graph, left.update)
-        total = torch.zeros(side.batch_size, other.batch_size, dtype=side.dtype, device=side.device)
+        total = torch.zeros(
+            side.batch_size, other.batch_size, dtype=side.result_dtype, device=side.device
+        )
 
         def consume(group):
             nonlocal total

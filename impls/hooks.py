@@ -12,6 +12,7 @@ import torch
 
 from impls._capture import parameter_factors
 from impls.base import MaterialisingImplementation
+from impls.factors import groups
 
 
 class Hooks(MaterialisingImplementation):
@@ -22,6 +23,8 @@ class Hooks(MaterialisingImplementation):
         samples: dict[str, torch.Tensor] = {}
 
         def consume(group):
+            # in float32 at the least (factors of a bfloat16 or autocast forward may mix dtypes)
+            (group,) = groups.accumulating(group)
             for name, factors in group.items():
                 samples[name] = factors.materialise()
 

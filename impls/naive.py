@@ -21,7 +21,8 @@ class NaiveLoop(MaterialisingImplementation):
         rows = []
         for i in range(side.batch_size):
             args, kwargs, targets = example_slice(side, i, i + 1)
-            loss = per_example_losses(loss_fn, side.call_model(args, kwargs), targets, 1)[0]
+            with side.forward_precision():
+                loss = per_example_losses(loss_fn, side.call_model(args, kwargs), targets, 1)[0]
             grads = differentiate(loss, params, allow_unused=True, create_graph=create_graph)
             rows.append(
                 [

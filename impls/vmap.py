@@ -54,8 +54,9 @@ class Vmap(MaterialisingImplementation):
 
         def loss_of_one(params, args, kwargs, targets):
             args, kwargs, targets = _unsqueeze(args), _unsqueeze(kwargs), _unsqueeze(targets)
-            outputs = functional_call(model, params, args, kwargs, strict=False)
-            return per_example_losses(loss_fn, outputs, targets, 1)[0]
+            with side.forward_precision():
+                outputs = functional_call(model, params, args, kwargs, strict=False)
+                return per_example_losses(loss_fn, outputs, targets, 1)[0]
 
         per_example = vmap(
             grad(loss_of_one),
@@ -64,6 +65,8 @@ class Vmap(MaterialisingImplementation):
             chunk_size=self.chunk_size,
         )  # fmt: skip
         what = "differentiate" if create_graph else "compute"
+        if side.autocast is not None:
+            what += f" under {side.autocast}"
         spot = _SpotOps(_WRONG_DOUBLE_BACKWARD) if create_graph else contextlib.nullcontext()
         with spot:
             try:

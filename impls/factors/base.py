@@ -21,6 +21,27 @@ class Factors:
         """Tensor[n, *shape]: every example's gradient."""
         raise NotImplementedError
 
+    def tensors(self) -> list[Tensor]:
+        """The floating tensors the factors hold (what :meth:`to` converts)."""
+        raise NotImplementedError
+
+    def to(self, dtype: torch.dtype, converted: dict | None = None) -> Factors:
+        """The same factors with their floating tensors in ``dtype`` (self when they are).
+
+        ``converted`` maps id(factors) -> their conversion, shared by the factors of one group
+        so that factors referring to others (a bias's gradient sums to its weight's) keep
+        referring to the same converted object.
+        """
+        converted = {} if converted is None else converted
+        if all(t.dtype == dtype for t in self.tensors()):
+            return self
+        if id(self) not in converted:
+            converted[id(self)] = self._converted(dtype, converted)
+        return converted[id(self)]
+
+    def _converted(self, dtype: torch.dtype, converted: dict) -> Factors:
+        raise NotImplementedError
+
     def squared_norms(self) -> Tensor:
         """Tensor[n]: ‖example n's gradient‖²."""
         return squared_row_norms(self.materialise().flatten(1))
@@ -58,6 +79,12 @@ class Dense(Factors):
     def squared_norms(self) -> Tensor:
         return squared_row_norms(self.values.flatten(1))
 
+    def tensors(self) -> list[Tensor]:
+        return [self.values]
+
+    def _converted(self, dtype, converted):
+        return Dense(self.values.to(dtype))
+
 
 @dataclass(eq=False)
 class Sum(Factors):
@@ -75,6 +102,12 @@ class Sum(Factors):
 
     def materialise(self) -> Tensor:
         return sum(p.materialise() for p in self.parts)
+
+    def tensors(self) -> list[Tensor]:
+        return [t for p in self.parts for t in p.tensors()]
+
+    def _converted(self, dtype, converted):
+        return Sum([p.to(dtype, converted) for p in self.parts])
 
     def squared_norms(self) -> Tensor:
         from impls.factors.pairs import diagonal

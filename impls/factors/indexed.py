@@ -74,6 +74,12 @@ class Indexed(Factors):
             return self.values
         return self.values * self.keep.unsqueeze(-1).to(self.values.dtype)
 
+    def tensors(self) -> list[Tensor]:
+        return [self.values]
+
+    def _converted(self, dtype, converted):
+        return Indexed(self.rows, self.values.to(dtype), self.num_rows, self.keep)
+
     def placed(self, shape, row_start):
         whole = row_start == 0 and tuple(shape) == tuple(self.shape)
         if whole or len(shape) != 2 or shape[1] != self.values.shape[-1]:

@@ -78,11 +78,20 @@ class Outer(Factors):
     def squared_norms(self) -> Tensor:
         return outer_diagonal(self, self)
 
+    def tensors(self) -> list[Tensor]:
+        return [self.gradients, self.activations]
+
+    def _converted(self, dtype, converted):
+        return Outer(self.gradients.to(dtype), self.activations.to(dtype), self.shape,
+                     self.row_start, self.transposed)  # fmt: skip
+
     def materialise(self) -> Tensor:
+        """In the wider dtype of the two factors (under autocast a layer's input may be float32
+        and its output gradient bfloat16)."""
         n = self.batch_size
-        blocks = (self.gradients.transpose(2, 3) @ self.activations).reshape(
-            n, -1, self.features[1]
-        )
+        dtype = torch.promote_types(self.gradients.dtype, self.activations.dtype)
+        gradients, activations = self.gradients.to(dtype), self.activations.to(dtype)
+        blocks = (gradients.transpose(2, 3) @ activations).reshape(n, -1, self.features[1])
         if self.transposed:
             return blocks.transpose(1, 2).reshape(n, *self.shape)
         if self.full:
@@ -119,6 +128,12 @@ class GradientSums(Factors):
 
     def materialise(self) -> Tensor:
         return self.sums().reshape(self.batch_size, *self.shape)
+
+    def tensors(self) -> list[Tensor]:
+        return self.outer.tensors()
+
+    def _converted(self, dtype, converted):
+        return GradientSums(self.outer.to(dtype, converted), self.shape, self.scale)
 
     def squared_norms(self) -> Tensor:
         return squared_row_norms(self.sums())

@@ -11,6 +11,8 @@ argument whose examples cannot be located is refused.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +42,8 @@ class ModuleCall:
     create_graph: bool = False
     grads: dict[int, Tensor] = field(default_factory=dict)  # output leaf index -> gradient
     frame: Any = None  # the watch's record of the call (which uses it redoes)
+    #: the context the module is redone in: the caller's autocast, as in the forward
+    forward_precision: Callable[[], Any] = contextlib.nullcontext
 
     def output_leaves(self) -> list[Tensor]:
         leaves, _ = tree_flatten(self.outputs)
@@ -106,7 +110,8 @@ def grad_samples(call: ModuleCall) -> dict[str, Tensor]:
             if leaf is not None:
                 full[k] = _one(leaf, layout)
         args, kwargs = tree_unflatten(full, spec)
-        outputs = functional_call(module, params, args, kwargs, strict=False)
+        with call.forward_precision():
+            outputs = functional_call(module, params, args, kwargs, strict=False)
         out_leaves, _ = tree_flatten(outputs)
         total = 0
         for k, g, layout in zip(keep, grads, out_layouts, strict=True):

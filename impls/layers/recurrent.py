@@ -97,6 +97,9 @@ class LSTMCells(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_h, grad_c):
         acts, cells, tanh_c, w_hh = ctx.saved_tensors
+        # the gates' dtype: under autocast the caller's hidden projection multiplied by W_hh cast
+        # to it, and this backward runs outside autocast
+        w_hh = w_hh.to(acts.dtype)
         steps, n, _, hidden = acts.shape
         with torch._C.DisableTorchFunction():  # plain kernels, whatever mode is active
             grad_gates, grad_c0 = _through_time(acts, cells, tanh_c, w_hh, grad_h, grad_c)

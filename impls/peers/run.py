@@ -61,19 +61,23 @@ class LibraryRun:
 
     def run(self) -> dict[str, Tensor]:
         side, watch = self.side, None
+        # a failure under the caller's autocast says so (libraries compute in the weights' dtype)
+        library = self.library
+        if side.autocast is not None:
+            library = f"{library} (under {side.autocast})"
         try:
-            with library_errors(self.library, self.package), quiet(self.package):
+            with library_errors(library, self.package), quiet(self.package):
                 self.attach()
             watch = self.watch()
             with torch.enable_grad(), quiet(self.package), self.context():
                 watch.track_batch(side.batched_tensors(), side.batch_size, self.exempt())
-                with watch:
-                    with library_errors(self.library, self.package):
+                with watch, side.forward_precision():
+                    with library_errors(library, self.package):
                         outputs = self.forward()
                     losses = per_example_losses(self.loss_fn, outputs, side.targets,
                                                 side.batch_size)  # fmt: skip
                 if losses.requires_grad:
-                    with library_errors(self.library, self.package):
+                    with library_errors(library, self.package):
                         differentiate(losses.sum(), self.differentiated(), allow_unused=True)
             self.after_backward(watch)
             return self.collect()

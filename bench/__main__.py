@@ -25,7 +25,8 @@ from pathlib import Path
 
 import torch
 
-from bench import cli, comparison, regress
+from bench import comparison, regress
+from correctness import cli
 from bench.floor import FLOOR
 
 QUICK = dict(

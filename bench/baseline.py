@@ -17,7 +17,7 @@ from pathlib import Path
 
 from bench.gate import CellResult
 
-BASELINE_FORMAT = "pegbench-regress-baseline/1"
+BASELINE_FORMAT = "pegbench-regress-baseline/2"
 UPDATE_COMMAND = "python -m bench regress --update-baseline"
 
 
@@ -55,7 +55,7 @@ def cell_to_json(cell: CellResult) -> dict:
     return data
 
 
-_TEXT = ("case", "implementation", "quantity", "status", "reason")
+_TEXT = ("case", "implementation", "quantity", "status", "reason", "counts_note")
 _NUMBERS = (
     "ratio",
     "memory_ratio",
@@ -63,6 +63,10 @@ _NUMBERS = (
     "plain_peak_bytes",
     "time_median_s",
     "plain_median_s",
+    "flops",
+    "aten_ops",
+    "allocated_bytes",
+    "spread",
 )
 
 

@@ -37,7 +37,7 @@ from typing import Any
 import pandas as pd
 import torch
 
-from bench import cli
+from correctness import cli
 from bench.floor import FLOOR
 
 #: the default run: the sweep's own defaults, three batch sizes

@@ -489,7 +489,7 @@ def plain_step(model, loss_fn, batch):
 
 def summary(table: pd.DataFrame) -> str:
     """Time ratios and bytes per call of the measured cells, as aligned text."""
-    from bench.cli import text_table
+    from correctness.cli import text_table
 
     rows = table[table["status"] == "ok"]
     lines = [
@@ -548,7 +548,7 @@ def payload_report(model_name: str, tokens: list[int], examples: int, ranks: int
     a distributed Gram matrix (``impls.distributed.payload``, ghost), by form, against the
     per-example gradients' bytes, and what ``ranks`` ranks would send each."""
     import impls
-    from bench.cli import text_table
+    from correctness.cli import text_table
     from correctness import hf_models, losses
     from impls.distributed import payload
 

@@ -1,34 +1,56 @@
 """The regression gate's decisions: pure functions of measured cells, no files, no measuring.
 
-A cell of a run is judged against the same cell of the baseline (``decide``), per metric:
+A cell of a run is judged against the same cell of the baseline (``decide``) on two kinds of
+evidence:
 
-- time: its ratio to the plain step is worse than the baseline's by more than
-  ``Thresholds.time`` (0.25: 1.25x) *and* a one-sided Mann-Whitney rank test of this run's
+- **counters** (``COUNTERS``): FLOPs, aten operators dispatched, bytes allocated and peak bytes
+  of one call. They do not depend on the machine's load, so they are held tightly: a counter
+  regresses when it grew by more than ``Thresholds.counters`` (0.05: 5%) and, for the byte
+  counters, by more than ``MEMORY_FLOOR_BYTES`` (allocator slack). Counters are compared only
+  when the baseline was measured with the same torch build (``counters_comparable``); another
+  build dispatches other operators;
+- **time**: the cell's time ratio to the plain step (CPU time, interleaved) is worse than the
+  baseline's by more than the cell's own threshold, set from the run-to-run spread measured
+  when the baseline was written (``time_threshold``: ``SPREAD_MARGIN`` times the spread, at
+  least ``MIN_TIME_THRESHOLD``), *and* a one-sided Mann-Whitney rank test of this run's
   per-round ratios against the baseline's agrees (p <= ``alpha``); with too few rounds for the
   test to reach ``alpha`` at all, the threshold alone decides;
-- memory: its memory ratio is worse by more than ``Thresholds.memory`` and the peak grew by more
-  than ``MEMORY_FLOOR_BYTES`` at the baseline's plain peak;
 - status: ok in the baseline and now unsupported, failing, timed out, out of memory or skipped.
 
-Improvements are found the same way in the other direction. ``confirm`` keeps a regression only
-when a second measurement of the cell regresses again. ``format_table``, ``format_not_gated``
-and ``summary`` turn decisions into text. The command line is ``bench.regress``; the baseline
-file ``bench.baseline``.
+Improvements are found the same way in the other direction. ``confirm`` keeps a time or status
+regression only when a second measurement of the cell regresses again (counters are
+deterministic: not measured again). ``merge_repeats`` turns several runs into a baseline with
+per-cell spreads and thresholds. ``format_table``, ``reproduce``, ``format_not_gated`` and
+``summary`` turn decisions into text. The command line is ``bench.regress``; the baseline file
+``bench.baseline``.
 """
 
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
-from bench.cli import text_table
+from correctness.cli import text_table
 
+#: a time ratio's allowed worsening where the baseline has no per-cell threshold
 DEFAULT_THRESHOLD = 0.25
-DEFAULT_MEMORY_THRESHOLD = 0.25
+#: per-cell time thresholds: SPREAD_MARGIN x the measured run-to-run spread, at least this
+MIN_TIME_THRESHOLD, SPREAD_MARGIN = 0.15, 2.0
+#: relative growth of a counter that counts (deterministic counts: a few percent)
+DEFAULT_COUNTER_THRESHOLD = 0.05
 DEFAULT_ALPHA = 0.01
-#: a memory regression must also add at least this many bytes (at the baseline's plain peak)
+#: a byte counter must also grow by at least this many bytes (allocator and interpreter slack)
 MEMORY_FLOOR_BYTES = 2**20
+#: (metric name, CellResult field, absolute floor) of every gated counter
+COUNTERS = (
+    ("flops", "flops", 0),
+    ("aten ops", "aten_ops", 0),
+    ("bytes allocated", "allocated_bytes", MEMORY_FLOOR_BYTES),
+    ("peak bytes", "memory_peak_bytes", MEMORY_FLOOR_BYTES),
+)
+COUNTERS_BY_NAME = {name: (field, floor) for name, field, floor in COUNTERS}
 
 
 @dataclass(frozen=True)
@@ -36,7 +58,11 @@ class CellResult:
     """One gate cell as measured (a run) or committed (the baseline).
 
     ``ratio``: median call time / median plain-step time; ``ratio_samples``: the same per
-    interleaved round; ``memory_ratio``: peak bytes of a call / peak bytes of the plain step.
+    interleaved round; ``memory_ratio``: peak bytes of a call / peak bytes of the plain step;
+    ``flops``, ``aten_ops``, ``allocated_bytes``: the counters of one call (``counts_note`` says
+    why they are missing). In a baseline written from several runs, ``ratio`` is the median of
+    the runs' ratios, ``ratio_samples`` all their rounds and ``spread`` the largest run's ratio
+    over the smallest's, from which the cell's time threshold follows (``time_threshold``).
     Times in seconds, memory in bytes; None where not measured.
     """
 
@@ -53,6 +79,11 @@ class CellResult:
     plain_peak_bytes: int | None = None
     time_median_s: float | None = None
     plain_median_s: float | None = None
+    flops: int | None = None
+    aten_ops: int | None = None
+    allocated_bytes: int | None = None
+    counts_note: str = ""
+    spread: float | None = None
 
     @property
     def key(self) -> tuple[str, str, str, int]:
@@ -88,6 +119,10 @@ class CellResult:
             plain_peak_bytes=number("plain_peak_bytes", int),
             time_median_s=number("time_median_s"),
             plain_median_s=number("plain_median_s"),
+            flops=number("flops", int),
+            aten_ops=number("aten_ops", int),
+            allocated_bytes=number("allocated_bytes", int),
+            counts_note=str(row.get("counts_note") or ""),
         )
 
 
@@ -96,12 +131,20 @@ REGRESSION, IMPROVEMENT, UNCHANGED, NOT_GATED = "REGRESSION", "improvement", "ok
 
 @dataclass(frozen=True)
 class Thresholds:
-    """``time``/``memory``: relative worsening of a ratio that counts (0.25 = 1.25x);
-    ``alpha``: the rank test's one-sided significance level."""
+    """``time``: relative worsening of a time ratio that counts (0.25 = 1.25x) for every cell;
+    None: each cell's own ``time_threshold(spread)`` from the baseline (``DEFAULT_THRESHOLD`` where it
+    has none). ``counters``: relative growth of a counter that counts. ``alpha``: the rank
+    test's one-sided level. ``gate_time``/``gate_counters``: False leaves that kind ungated
+    (``--no-time``; counters of another torch build)."""
 
-    time: float = DEFAULT_THRESHOLD
-    memory: float = DEFAULT_MEMORY_THRESHOLD
+    time: float | None = None
+    counters: float = DEFAULT_COUNTER_THRESHOLD
     alpha: float = DEFAULT_ALPHA
+    gate_time: bool = True
+    gate_counters: bool = True
+
+    def time_for(self, base: CellResult) -> float:
+        return self.time if self.time is not None else time_threshold(base.spread)
 
 
 @dataclass(frozen=True)
@@ -109,12 +152,13 @@ class Decision:
     """The verdict on one cell and one metric ("time", "memory" or "status")."""
 
     key: tuple[str, str, str, int]
-    metric: str
+    metric: str  # "time", "status" or a counter's name (COUNTERS)
     verdict: str  # REGRESSION | improvement | ok | not gated
-    baseline: float | None = None  # the baseline's ratio (time, memory)
-    run: float | None = None  # this run's ratio
+    baseline: float | None = None  # the baseline's time ratio or counter
+    run: float | None = None  # this run's
     p_value: float | None = None
     note: str = ""
+    threshold: float | None = None  # the relative change that counted
 
     @property
     def change(self) -> float | None:
@@ -141,13 +185,23 @@ def rank_test(run: Sequence[float], baseline: Sequence[float], alternative: str)
     return float(mannwhitneyu(run, baseline, alternative=alternative).pvalue)
 
 
+def time_threshold(spread: float | None) -> float:
+    """A cell's time threshold from its run-to-run spread (largest ratio / smallest)."""
+    if spread is None or not math.isfinite(spread):
+        return DEFAULT_THRESHOLD
+    return max(MIN_TIME_THRESHOLD, SPREAD_MARGIN * (spread - 1))
+
+
 def _time_decision(base: CellResult, run: CellResult, thresholds: Thresholds) -> Decision:
+    limit = thresholds.time_for(base)
+    if not thresholds.gate_time:
+        return Decision(run.key, "time", NOT_GATED, base.ratio, run.ratio, note="time not gated")
     if base.ratio is None or run.ratio is None:
         return Decision(run.key, "time", NOT_GATED, base.ratio, run.ratio, note="no time ratio")
     change = run.ratio / base.ratio
-    factor = 1 + thresholds.time
+    factor = 1 + limit
     if 1 / factor <= change <= factor:
-        return Decision(run.key, "time", UNCHANGED, base.ratio, run.ratio)
+        return Decision(run.key, "time", UNCHANGED, base.ratio, run.ratio, threshold=limit)
     worse = change > factor
     verdict = REGRESSION if worse else IMPROVEMENT
     alternative = "greater" if worse else "less"
@@ -158,27 +212,34 @@ def _time_decision(base: CellResult, run: CellResult, thresholds: Thresholds) ->
             f"{len(run.ratio_samples)} vs {len(base.ratio_samples)} rounds: too few for the "
             f"rank test to reach p <= {thresholds.alpha:g}; the threshold decides"
         )
-        return Decision(run.key, "time", verdict, base.ratio, run.ratio, p, note)
+        return Decision(run.key, "time", verdict, base.ratio, run.ratio, p, note, limit)
     if p <= thresholds.alpha:
-        return Decision(run.key, "time", verdict, base.ratio, run.ratio, p)
+        return Decision(run.key, "time", verdict, base.ratio, run.ratio, p, threshold=limit)
     note = f"beyond the threshold but the rank test disagrees (p={p:.2g} > {thresholds.alpha:g})"
-    return Decision(run.key, "time", UNCHANGED, base.ratio, run.ratio, p, note)
+    return Decision(run.key, "time", UNCHANGED, base.ratio, run.ratio, p, note, limit)
 
 
-def _memory_decision(base: CellResult, run: CellResult, thresholds: Thresholds) -> Decision:
-    if base.memory_ratio is None or run.memory_ratio is None:
-        return Decision(
-            run.key, "memory", NOT_GATED, base.memory_ratio, run.memory_ratio, note="no memory"
+def _counter_decisions(base: CellResult, run: CellResult, thresholds: Thresholds) -> list:
+    if not thresholds.gate_counters:
+        return [Decision(run.key, "counters", NOT_GATED, note="counters not comparable")]
+    decisions = []
+    for metric, field_name, floor in COUNTERS:
+        old, new = getattr(base, field_name), getattr(run, field_name)
+        if old is None or new is None:
+            why = run.counts_note or base.counts_note or "not counted"
+            decisions.append(Decision(run.key, metric, NOT_GATED, old, new, note=why))
+            continue
+        factor = 1 + thresholds.counters
+        grown, shrunk = new > old * factor, new * factor < old
+        if (grown or shrunk) and abs(new - old) > floor:
+            verdict = REGRESSION if grown else IMPROVEMENT
+            note = f"{new - old:+,d}" + (" bytes" if floor else "")
+        else:
+            verdict, note = UNCHANGED, ""
+        decisions.append(
+            Decision(run.key, metric, verdict, old, new, note=note, threshold=thresholds.counters)
         )
-    change = run.memory_ratio / base.memory_ratio if base.memory_ratio > 0 else math.inf
-    plain = base.plain_peak_bytes or run.plain_peak_bytes or 0
-    grown = abs(run.memory_ratio - base.memory_ratio) * plain
-    factor = 1 + thresholds.memory
-    if 1 / factor <= change <= factor or grown <= MEMORY_FLOOR_BYTES:
-        return Decision(run.key, "memory", UNCHANGED, base.memory_ratio, run.memory_ratio)
-    verdict = REGRESSION if change > factor else IMPROVEMENT
-    note = f"{'+' if change > 1 else '-'}{grown / 2**20:.3g} MiB at the baseline's plain peak"
-    return Decision(run.key, "memory", verdict, base.memory_ratio, run.memory_ratio, note=note)
+    return decisions
 
 
 def decide(
@@ -221,7 +282,7 @@ def decide(
             decisions.append(Decision(cell.key, "status", NOT_GATED, note=note))
         else:
             decisions.append(_time_decision(base, cell, thresholds))
-            decisions.append(_memory_decision(base, cell, thresholds))
+            decisions.extend(_counter_decisions(base, cell, thresholds))
     return decisions
 
 
@@ -233,14 +294,15 @@ NOT_CONFIRMED = "not confirmed"
 
 
 def confirm(first: Sequence[Decision], second: Sequence[Decision]) -> list[Decision]:
-    """``first`` with each regression kept only if ``second`` (the same cells measured again,
-    judged against the same baseline) regresses again: on the same metric, or on any metric
-    when either is a status regression (a cell that timed out once and was 10x slower the next
-    time). Otherwise it becomes "ok" with a note. A burst of load on a shared machine spans a
-    whole cell (a second or so), so one cell can look 2.5x slower; it rarely does so twice."""
+    """``first`` with each time or status regression kept only if ``second`` (the same cells
+    measured again, judged against the same baseline) regresses again: on the same metric, or
+    on any metric when either is a status regression (a cell that timed out once and was 10x
+    slower the next time). Otherwise it becomes "ok" with a note. A burst of load on a shared
+    machine spans a whole cell (a second or so), so one cell can look 2.5x slower; it rarely
+    does so twice. Counter regressions stand as they are: counters are deterministic."""
     confirmed = []
     for d in first:
-        if d.verdict != REGRESSION:
+        if d.verdict != REGRESSION or d.metric not in ("time", "status"):
             confirmed.append(d)
             continue
         same_cell = [o for o in second if o.key == d.key]
@@ -248,7 +310,8 @@ def confirm(first: Sequence[Decision], second: Sequence[Decision]) -> list[Decis
             o
             for o in same_cell
             if o.verdict == REGRESSION
-            and (o.metric == d.metric or "status" in (o.metric, d.metric))
+            and (o.metric == d.metric or (o.metric == "status" or d.metric == "status"))
+            and o.metric in ("time", "status")
         ]
         if repeated:
             seen = _seen(repeated[0])
@@ -270,17 +333,59 @@ def _seen(decision: Decision) -> str:
     return decision.note or decision.verdict
 
 
+# -- a baseline from several runs ------------------------------------------------------------
+
+
+def merge_repeats(runs: Sequence[Sequence[CellResult]]) -> list[CellResult]:
+    """One baseline from several runs of the same cells: per cell the median of the runs'
+    ratios, all their rounds (for the rank test) and the run-to-run ``spread`` (largest ratio
+    over smallest, which sets the cell's time threshold); counters and memory from the median
+    run.
+    A cell not ok in every run keeps the first run's failing row (it is not gated)."""
+    by_key: dict[tuple, list[CellResult]] = {}
+    for run in runs:
+        for cell in run:
+            by_key.setdefault(cell.key, []).append(cell)
+    merged = []
+    for cells in by_key.values():
+        failing = [c for c in cells if c.status != "ok" or c.ratio is None]
+        if failing or len(cells) < len(runs):
+            first = failing[0] if failing else cells[0]
+            note = f"ok in {len(cells) - len(failing)} of {len(runs)} runs"
+            merged.append(replace(first, reason="; ".join(r for r in (first.reason, note) if r)))
+            continue
+        ratios = [c.ratio for c in cells]
+        middle = sorted(cells, key=lambda c: c.ratio)[(len(cells) - 1) // 2]
+        spread = max(ratios) / min(ratios) if len(cells) > 1 else None
+        merged.append(
+            replace(
+                middle,
+                ratio=statistics.median(ratios),
+                ratio_samples=tuple(x for c in cells for x in c.ratio_samples),
+                spread=spread,
+            )
+        )
+    return merged
+
+
 # -- text --------------------------------------------------------------------------------------
 
 
-def _ratio(value: float | None) -> str:
-    return "-" if value is None else f"{value:.3g}x"
+def _value(metric: str, value: float | None) -> str:
+    if value is None:
+        return "-"
+    if metric == "time":
+        return f"{value:.3g}x"
+    if "bytes" in metric:
+        return f"{value / 2**20:.4g} MiB"
+    return f"{value:,.0f}"
 
 
 def format_table(decisions: Sequence[Decision]) -> str:
-    """A plain-text table of decisions (verdict, cell, metric, ratios, change, p, note)."""
+    """A plain-text table of decisions (verdict, cell, metric, values, change, threshold, p,
+    note). Time values are ratios to the plain step; counters are counts or MiB."""
     header = ("verdict", "implementation", "case", "B", "quantity", "metric", "baseline", "now")
-    header += ("change", "p", "note")
+    header += ("change", "threshold", "p", "note")
     rows = []
     for d in decisions:
         case, implementation, quantity, batch_size = d.key
@@ -293,14 +398,34 @@ def format_table(decisions: Sequence[Decision]) -> str:
                 str(batch_size),
                 quantity,
                 d.metric,
-                _ratio(d.baseline),
-                _ratio(d.run),
-                "-" if change is None else f"x{change:.2f}",
+                _value(d.metric, d.baseline),
+                _value(d.metric, d.run),
+                "-" if change is None else f"x{change:.3f}",
+                "-" if d.threshold is None else f"x{1 + d.threshold:.3g}",
                 "-" if d.p_value is None else f"{d.p_value:.2g}",
                 d.note,
             )
         )
     return text_table(header, rows)
+
+
+def reproduce(decisions: Sequence[Decision], extra: Sequence[str] = ()) -> list[str]:
+    """For each regressed cell, the command that measures it alone against the same baseline
+    (``extra``: the run's own options that change what is measured, e.g. an injection)."""
+    commands = []
+    for d in decisions:
+        if d.verdict != REGRESSION:
+            continue
+        case, implementation, quantity, batch_size = d.key
+        command = " ".join(
+            [
+                "python -m bench regress --cases", case, "--impls", implementation,
+                "--batch-sizes", str(batch_size), "--quantities", quantity, *extra,
+            ]
+        )  # fmt: skip
+        if command not in commands:
+            commands.append(command)
+    return commands
 
 
 def format_not_gated(decisions: Sequence[Decision]) -> str:
@@ -317,14 +442,24 @@ def format_not_gated(decisions: Sequence[Decision]) -> str:
 
 def summary(decisions: Sequence[Decision], thresholds: Thresholds) -> str:
     cells = {d.key for d in decisions}
-    gated = {d.key for d in decisions if d.metric in ("time", "memory")}
+    timed = {d.key for d in decisions if d.metric == "time" and d.verdict != NOT_GATED}
+    counted = {
+        d.key for d in decisions if d.metric in COUNTERS_BY_NAME and d.verdict != NOT_GATED
+    }
     not_gated = {d.key for d in decisions if d.verdict == NOT_GATED and d.metric == "status"}
     bad = regressions(decisions)
     better = [d for d in decisions if d.verdict == IMPROVEMENT]
     verdict = "FAIL" if bad else "PASS"
+    if not thresholds.gate_time:
+        time = "time not gated"
+    elif thresholds.time is None:
+        limits = [d.threshold for d in decisions if d.metric == "time" and d.threshold]
+        span = f" x{1 + min(limits):.3g}-x{1 + max(limits):.3g}" if limits else ""
+        time = f"time: each cell's own threshold{span} and a rank test at p <= {thresholds.alpha:g}"
+    else:
+        time = f"time: x{1 + thresholds.time:.3g} and a rank test at p <= {thresholds.alpha:g}"
     return (
-        f"regress: {verdict}: {len(cells)} cells, {len(gated)} gated on time and memory "
-        f"(threshold {thresholds.time:g} = {1 + thresholds.time:.3g}x the baseline's time "
-        f"ratio with a rank test at p <= {thresholds.alpha:g}; memory {thresholds.memory:g}), "
+        f"regress: {verdict}: {len(cells)} cells; {len(counted)} gated on counters "
+        f"(x{1 + thresholds.counters:.3g}), {len(timed)} on time ({time}); "
         f"{len(not_gated)} not gated; {len(bad)} regressions, {len(better)} improvements"
     )

@@ -4,40 +4,34 @@ A short sweep of a fixed set of cells (``gate_cells``: the MLP, the CNN, the T=6
 transformer and the LSTM at B=16 and B=64, norms and Gram, every registered implementation,
 the per-example-loop ones only at B=16) is measured with ``bench.sweep`` and compared, cell by
 cell (implementation, case, batch size, quantity), with a committed baseline
-(``results/baseline-cpu.json``).
+(``results/baseline-cpu.json``). The decisions are ``bench.gate``; in short:
 
-What is compared is machine-independent as far as it goes: the time ratio to a plain
-forward+backward step timed interleaved in the same run, and the peak-memory ratio to the same
-plain step. A cell **regresses** when
+- **counters**, once per cell: FLOPs, aten operators, bytes allocated and peak bytes of one
+  call (``bench.counters``, ``bench.memory``). Deterministic, so held to 5%: an algorithmic
+  regression (a materialised form chosen where the factored one was cheaper, a fallback to
+  vmap, an extra copy of the activations) fails on any machine, whatever its load;
+- **time**: the ratio of a call's CPU time to an interleaved plain step's, per round, 10 short
+  rounds; a cell regresses beyond its own threshold (set from the run-to-run spread measured
+  when the baseline was written) when a rank test agrees and a second measurement repeats it;
+- status: a cell ok in the baseline must stay ok.
 
-- time: its ratio is worse than the baseline's by more than ``threshold`` (0.25: 1.25x the
-  baseline's ratio) *and* a one-sided Mann-Whitney rank test of this run's per-round ratios
-  against the baseline's agrees (p <= ``alpha``). With too few rounds for the test to reach
-  ``alpha`` at all (a cell so slow that its budget cut the rounds), the threshold alone decides;
-- memory: its memory ratio is worse than the baseline's by more than ``memory_threshold`` and
-  the peak grew by more than ``MEMORY_FLOOR_BYTES`` at the baseline's plain peak. memray's
-  CPU peaks repeat to within 0.3% between runs of the same code, so no rank test: the floor
-  only keeps a few KiB of allocator slack on a tiny cell from counting;
-- status: it was ok in the baseline and now is unsupported, fails, times out, runs out of
-  memory or is skipped.
+The failing report names the cell, the counter or time that moved, by how much, and the
+command that measures that cell alone. Cells that are not ok on either side, or present on
+one side only, are listed, not gated. The exit code is 1 on any regression, 0 otherwise (2
+for bad arguments or a missing baseline).
 
-A cell that looks regressed is measured again (``--confirm``, once by default) and counts
-only if it regresses again: a burst of load on a shared machine spans a whole cell.
-
-Improvements are found the same way in the other direction and reported, never gated. Cells
-that are not ok on either side, or present on one side only, are listed, not gated. The exit
-code is 1 on any regression, 0 otherwise (2 for bad arguments or a missing baseline).
-
-Regenerate the baseline on a quiet machine with::
+Regenerate the baseline on a quiet machine with (it measures the gate ``--repeat`` times, 3 by
+default, to find each cell's spread)::
 
     python -m bench regress --update-baseline
 
-``--inject-slowdown IMPL=FACTOR`` and ``--inject-memory IMPL=MIB`` are the gate's self-test,
-without editing any source: they wrap that implementation so that each call takes FACTOR times
-as long (the call, then a busy loop for FACTOR - 1 times its duration) or holds MIB more memory
-during the call. ``--inject-slowdown ghost=10`` must fail the gate.
+Self-tests, without editing any source: ``--inject-slowdown IMPL=FACTOR`` (each call of IMPL
+takes FACTOR times its CPU time: the call, then a busy loop), ``--inject-memory IMPL=MIB`` (each
+call holds MIB more) and ``--inject-materialise`` (the factor engine's cost model always
+materialises per-example gradients: ghost's and function's algorithm gets worse, their answer
+does not). ``--no-time`` gates counters and status only.
 
-This module is the command: its cells, the measuring, the self-test wrapper, the arguments and
+This module is the command: its cells, the measuring, the self-test wrappers, the arguments and
 their checks (``validate``, before anything is measured). The decisions are ``bench.gate`` (pure
 functions), the baseline file is ``bench.baseline``.
 """
@@ -45,16 +39,17 @@ functions), the baseline file is ``bench.baseline``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from bench import cli
+from correctness import cli
 from bench.baseline import (
     UPDATE_COMMAND,
     Baseline,
@@ -65,13 +60,14 @@ from bench.baseline import (
 )
 from bench.gate import (
     DEFAULT_ALPHA,
-    DEFAULT_MEMORY_THRESHOLD,
-    DEFAULT_THRESHOLD,
+    DEFAULT_COUNTER_THRESHOLD,
     IMPROVEMENT,
     MEMORY_FLOOR_BYTES,
+    MIN_TIME_THRESHOLD,
     NOT_CONFIRMED,
     NOT_GATED,
     REGRESSION,
+    SPREAD_MARGIN,
     CellResult,
     Decision,
     Thresholds,
@@ -79,7 +75,9 @@ from bench.gate import (
     decide,
     format_not_gated,
     format_table,
+    merge_repeats,
     regressions,
+    reproduce,
     summary,
 )
 
@@ -92,10 +90,12 @@ GATE_BATCH_SIZES = (16, 64)
 SLOW_IMPLEMENTATIONS = ("naive", "vmap", "opacus")
 
 #: gate timing settings: 1 thread (2 threads on a shared 2-core machine gave 100x outliers),
-#: 6 interleaved rounds (so that the rank test can reach p = 1/924 on 6 against 6), short rounds.
-#: The oracle check stays on: it is each group's first call, so one-time costs (vmap's lazy
-#: imports, ~2 s) land there instead of in the probe, where they would cut the rounds
-GATE_THREADS, GATE_ROUNDS, GATE_MIN_RUN_TIME, GATE_BUDGET_S = 1, 6, 0.05, 10.0
+#: 10 short interleaved rounds in CPU time (the rank test can reach p < 1e-5 on 10 against the
+#: baseline's 30). The oracle check stays on: it is each group's first call, so one-time costs
+#: (vmap's lazy imports, ~2 s) land there instead of in the probe, where they would cut rounds
+GATE_THREADS, GATE_ROUNDS, GATE_MIN_RUN_TIME, GATE_BUDGET_S = 1, 10, 0.02, 10.0
+#: runs of the gate that --update-baseline measures to find each cell's spread
+GATE_REPEATS = 3
 
 
 # -- cells ---------------------------------------------------------------------------------------
@@ -130,29 +130,36 @@ def gate_cells(
 class Injected:
     """An implementation with extra cost of a known size: the gate's self-test.
 
-    Each call takes ``slowdown`` times as long as the wrapped one's (the call, then a busy loop
-    of ``slowdown - 1`` times its duration: CPU work, no allocation) and holds ``extra_bytes``
-    more memory while it runs (a buffer allocated before the call; untouched, so it costs no
-    time). Same answer.
+    Each call takes ``slowdown`` times as long as the wrapped one's on ``clock`` (the call, then
+    a busy loop of ``slowdown - 1`` times its duration: CPU work, no allocation, no aten
+    operator) and holds ``extra_bytes`` more memory while it runs (a buffer allocated before the
+    call; untouched, so it costs no time). Same answer.
     """
 
-    def __init__(self, implementation: Any, slowdown: float = 1.0, extra_bytes: int = 0):
+    def __init__(
+        self,
+        implementation: Any,
+        slowdown: float = 1.0,
+        extra_bytes: int = 0,
+        clock: Callable[[], float] = time.perf_counter,
+    ):
         if slowdown < 1 or extra_bytes < 0:
             raise ValueError(f"slowdown >= 1 and extra_bytes >= 0, got {slowdown}, {extra_bytes}")
         self.implementation = implementation
         self.slowdown = float(slowdown)
         self.extra_bytes = int(extra_bytes)
+        self.clock = clock
 
     def _call(self, method: str, *args, **kwargs):
-        started = time.perf_counter()
+        started = self.clock()
         # untouched: memray and CUDA's allocator count its size, but filling it would cost time
         ballast = torch.empty(self.extra_bytes, dtype=torch.uint8) if self.extra_bytes else None
         result = getattr(self.implementation, method)(*args, **kwargs)
         del ballast
         if self.slowdown > 1:
-            now = time.perf_counter()
+            now = self.clock()
             deadline = now + (self.slowdown - 1) * (now - started)
-            while time.perf_counter() < deadline:
+            while self.clock() < deadline:
                 pass
         return result
 
@@ -161,6 +168,22 @@ class Injected:
 
     def inner(self, *args, **kwargs):
         return self._call("inner", *args, **kwargs)
+
+
+@contextlib.contextmanager
+def always_materialise(enabled: bool = True):
+    """Self-test: the factor engine's cost model (``impls.factors.COSTS``) picks materialising
+    per-example gradients for every reduction while this is active. The answers stay exact;
+    the work grows, which the counters must catch without any timing."""
+    from impls.factors import COSTS
+
+    previous = COSTS.force
+    if enabled:
+        COSTS.force = "materialised"
+    try:
+        yield
+    finally:
+        COSTS.force = previous
 
 
 def parse_injection(text: str, option: str = "--inject-slowdown", least: float = 1.0):
@@ -183,7 +206,9 @@ def gate_settings(
     rounds: int = GATE_ROUNDS,
     min_run_time: float = GATE_MIN_RUN_TIME,
     budget_s: float = GATE_BUDGET_S,
+    device: str = "cpu",
 ):
+    """CPU time on the CPU (steadier on a shared machine), wall time on CUDA; counters on."""
     from bench.sweep import Settings
 
     return Settings(
@@ -193,6 +218,8 @@ def gate_settings(
         budget_s=budget_s,
         check=True,
         measure_memory=True,
+        clock="cpu" if torch.device(device).type == "cpu" else "wall",
+        count=True,
     )
 
 
@@ -212,15 +239,28 @@ def measure(
     return [CellResult.from_row(r) for r in rows]
 
 
+def counters_comparable(baseline: Baseline, environment: Mapping) -> bool:
+    """Counters are compared only against a baseline of the same torch build: another build
+    dispatches other operators and allocates differently."""
+    old, new = baseline.environment.get("torch_build"), environment.get("torch_build")
+    return old is not None and old == new
+
+
 def environment_notes(baseline: Baseline, environment: Mapping, settings: Mapping) -> list[str]:
     """Differences between the baseline's machine and settings and this run's, one per line."""
     notes = []
+    if not counters_comparable(baseline, environment):
+        notes.append(
+            "note: the baseline's torch build is not this run's: counters are not gated "
+            f"(regenerate the baseline with {UPDATE_COMMAND})"
+        )
     old_env = baseline.environment
     for name, old, new in (
         ("cpu", old_env.get("cpu"), environment.get("cpu")),
         ("torch", old_env.get("torch_build"), environment.get("torch_build")),
         ("threads", baseline.settings.get("threads"), settings.get("threads")),
         ("rounds", baseline.settings.get("rounds"), settings.get("rounds")),
+        ("clock", baseline.settings.get("clock"), settings.get("clock")),
     ):
         if old is not None and new is not None and old != new:
             notes.append(f"note: the baseline was measured with {name} {old}, this run {new}")
@@ -235,8 +275,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = (
         "Regenerate the baseline (on a quiet machine) with:\n"
         f"  {UPDATE_COMMAND}\n"
-        "Self-test of the gate (must exit 1):\n"
-        "  python -m bench regress --inject-slowdown ghost=10"
+        "Self-tests of the gate (each must exit 1):\n"
+        "  python -m bench regress --inject-slowdown ghost=1.3\n"
+        "  python -m bench regress --inject-materialise --no-time"
     )
     parser.add_argument(
         "--baseline",
@@ -247,16 +288,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--threshold",
         type=cli.number(least=0),
-        default=DEFAULT_THRESHOLD,
-        help="relative worsening of a time ratio that counts as a regression "
-        f"(default {DEFAULT_THRESHOLD:g}: 1.25x the baseline's ratio; 1.0: 2x)",
+        default=None,
+        help="one relative worsening of a time ratio for every cell (0.25: 1.25x the "
+        "baseline's ratio); default: each cell's own threshold from its measured spread "
+        f"({SPREAD_MARGIN:g}x the spread, at least {MIN_TIME_THRESHOLD:g})",
     )
     parser.add_argument(
-        "--memory-threshold",
+        "--counter-threshold",
         type=cli.number(least=0),
-        default=DEFAULT_MEMORY_THRESHOLD,
-        help="the same for the memory ratio (default %(default)g; plus an absolute floor of "
-        f"{MEMORY_FLOOR_BYTES // 2**20} MiB)",
+        default=DEFAULT_COUNTER_THRESHOLD,
+        help="relative growth of a counter (FLOPs, aten operators, bytes allocated, peak "
+        f"bytes) that counts (default %(default)g; bytes also need {MEMORY_FLOOR_BYTES // 2**20}"
+        " MiB more)",
     )
     parser.add_argument(
         "--alpha",
@@ -265,16 +308,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="one-sided Mann-Whitney level the rank test must reach (default %(default)g)",
     )
     parser.add_argument(
+        "--no-time", action="store_true", help="gate counters and status only, not time"
+    )
+    parser.add_argument(
         "--update-baseline",
         action="store_true",
         help="write the baseline from this run (and exit 0)",
     )
     parser.add_argument(
+        "--repeat",
+        type=cli.whole(1),
+        default=GATE_REPEATS,
+        help="with --update-baseline: runs to measure, for each cell's spread (default "
+        "%(default)s)",
+    )
+    parser.add_argument(
         "--confirm",
         type=cli.whole(0),
         default=1,
-        help="measure regressed cells again this many times; a regression must repeat "
-        "(default %(default)s; 0: believe the first measurement)",
+        help="measure cells whose time or status regressed again this many times; a regression "
+        "must repeat (default %(default)s; 0: believe the first measurement)",
     )
     parser.add_argument(
         "--save", type=Path, default=None, help="also write this run, in the baseline's format"
@@ -293,6 +346,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="IMPL=MIB",
         help="self-test: every call of IMPL holds MIB more memory (repeatable)",
     )
+    parser.add_argument(
+        "--inject-materialise",
+        action="store_true",
+        help="self-test: the factor engine always materialises per-example gradients "
+        "(ghost, function)",
+    )
     parser.add_argument("--device", default="cpu", help="device (default cpu)")
     parser.add_argument("--cases", nargs="+", default=list(GATE_CASES), help="default: %(default)s")
     cli.add_impls_argument(parser, "default: every registered implementation")
@@ -302,6 +361,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=cli.BATCH_SIZE,
         default=list(GATE_BATCH_SIZES),
         help="%(default)s",
+    )
+    parser.add_argument(
+        "--quantities",
+        nargs="+",
+        choices=("norms", "gram"),
+        default=["norms", "gram"],
+        help="default: %(default)s",
     )
     parser.add_argument(
         "--threads", type=cli.THREADS, default=GATE_THREADS, help="default %(default)s"
@@ -344,10 +410,8 @@ def validate(args: argparse.Namespace) -> None:
                 raise ValueError(
                     f"--inject-slowdown/--inject-memory: unknown implementation '{name}'"
                 )
-        if (slowdowns or extra_mib) and args.update_baseline:
-            raise ValueError(
-                "an injection with --update-baseline would write a slowed-down baseline"
-            )
+        if (slowdowns or extra_mib or args.inject_materialise) and args.update_baseline:
+            raise ValueError("an injection with --update-baseline would write a worse baseline")
         path = args.baseline or default_baseline(args.device)
         if args.update_baseline:
             cli.check_output_file(path, "--baseline")
@@ -363,17 +427,33 @@ def validate(args: argparse.Namespace) -> None:
     args.baseline_path, args.reference = path, reference
 
 
+def _injection_arguments(args: argparse.Namespace) -> list[str]:
+    """The run's options that change what is measured, for the reproduce commands."""
+    extra = [f"--inject-slowdown {t}" for t in args.inject_slowdown]
+    extra += [f"--inject-memory {t}" for t in args.inject_memory]
+    extra += ["--inject-materialise"] if args.inject_materialise else []
+    extra += ["--no-time"] if args.no_time else []
+    if args.baseline is not None:
+        extra.append(f"--baseline {args.baseline}")
+    return extra
+
+
 def run(args: argparse.Namespace) -> int:
     """The ``regress`` command on validated arguments: exit 1 on a regression, 0 otherwise."""
     import impls
     from bench import environment
 
     path, baseline = args.baseline_path, args.reference
-    thresholds = Thresholds(args.threshold, args.memory_threshold, args.alpha)
-    settings = gate_settings(args.threads, args.rounds, args.min_run_time, args.budget)
-    cells = gate_cells(args.cases, args.impls, args.batch_sizes, args.device)
+    settings = gate_settings(args.threads, args.rounds, args.min_run_time, args.budget, args.device)
+    clock = time.process_time if settings.clock == "cpu" else time.perf_counter
+    cells = gate_cells(args.cases, args.impls, args.batch_sizes, args.device, args.quantities)
     implementations = {
-        n: Injected(impls.get(n), args.slowdowns.get(n, 1.0), int(args.extra_mib.get(n, 0) * 2**20))
+        n: Injected(
+            impls.get(n),
+            args.slowdowns.get(n, 1.0),
+            int(args.extra_mib.get(n, 0) * 2**20),
+            clock,
+        )
         for n in {*args.slowdowns, *args.extra_mib}
     }
     for name, wrapped in implementations.items():
@@ -381,38 +461,64 @@ def run(args: argparse.Namespace) -> int:
             f"regress: self-test: every call of {name} takes {wrapped.slowdown:g}x as long and "
             f"holds {wrapped.extra_bytes / 2**20:g} MiB more"
         )
-    print(f"regress: {len(cells)} cells on {args.device}, baseline {path}", flush=True)
+    if args.inject_materialise:
+        print("regress: self-test: the factor engine always materialises per-example gradients")
+    repeats = args.repeat if args.update_baseline else 1
+    print(
+        f"regress: {len(cells)} cells on {args.device} ({settings.clock} time"
+        + (f", {repeats} runs" if repeats > 1 else "")
+        + f"), baseline {path}",
+        flush=True,
+    )
     started = time.perf_counter()
-    results = measure(cells, settings, implementations, progress=not args.no_progress)
-    wall = time.perf_counter() - started
-    info = environment.describe(args.device, settings.threads)
-    measured = Baseline(results, info, dict(settings.as_dict(), wall_s=round(wall, 1)))
-    if args.save:
-        write_baseline(args.save, measured)
-        print(f"regress: wrote this run to {args.save}")
-
-    decisions: list[Decision] = []
-    if baseline is not None:
-        for note in environment_notes(baseline, info, settings.as_dict()):
-            print(note)
-        decisions = decide(baseline.cells, results, thresholds)
-        for attempt in range(1, args.confirm + 1):
-            suspects = {d.key for d in regressions(decisions)}
-            if not suspects or args.update_baseline:
-                break
-            print(
-                f"regress: {len(suspects)} cells look regressed; measuring them again "
-                f"({attempt}/{args.confirm})",
-                flush=True,
-            )
-            again = [
-                c
-                for c in cells
-                if (c.case.name, c.implementation, c.quantity, c.batch_size) in suspects
-            ]
-            remeasured = measure(again, settings, implementations, progress=not args.no_progress)
-            decisions = confirm(decisions, decide(baseline.cells, remeasured, thresholds))
+    with always_materialise(args.inject_materialise):
+        runs = []
+        for _ in range(repeats):
+            runs.append(measure(cells, settings, implementations, progress=not args.no_progress))
+        results = merge_repeats(runs) if repeats > 1 else runs[0]
         wall = time.perf_counter() - started
+        info = environment.describe(args.device, settings.threads)
+        measured = Baseline(
+            results, info, dict(settings.as_dict(), wall_s=round(wall, 1), repeats=repeats)
+        )
+        if args.save:
+            write_baseline(args.save, measured)
+            print(f"regress: wrote this run to {args.save}")
+
+        decisions: list[Decision] = []
+        if baseline is not None:
+            for note in environment_notes(baseline, info, settings.as_dict()):
+                print(note)
+            thresholds = Thresholds(
+                time=args.threshold,
+                counters=args.counter_threshold,
+                alpha=args.alpha,
+                gate_time=not args.no_time,
+                gate_counters=counters_comparable(baseline, info),
+            )
+            decisions = decide(baseline.cells, results, thresholds)
+            for attempt in range(1, args.confirm + 1):
+                suspects = {
+                    d.key for d in regressions(decisions) if d.metric in ("time", "status")
+                }
+                if not suspects or args.update_baseline:
+                    break
+                print(
+                    f"regress: {len(suspects)} cells look slower or failed; measuring them "
+                    f"again ({attempt}/{args.confirm})",
+                    flush=True,
+                )
+                again = [
+                    c
+                    for c in cells
+                    if (c.case.name, c.implementation, c.quantity, c.batch_size) in suspects
+                ]
+                remeasured = measure(
+                    again, settings, implementations, progress=not args.no_progress
+                )
+                decisions = confirm(decisions, decide(baseline.cells, remeasured, thresholds))
+    wall = time.perf_counter() - started
+    if baseline is not None:
         shown = [d for d in decisions if args.verbose or d.verdict in (REGRESSION, IMPROVEMENT)]
         shown += [d for d in decisions if d.note.startswith(NOT_CONFIRMED) and d not in shown]
         if shown:
@@ -420,9 +526,19 @@ def run(args: argparse.Namespace) -> int:
         quiet = [d for d in decisions if d.verdict == NOT_GATED and d.metric == "status"]
         if quiet and not args.verbose:
             print(format_not_gated(quiet))
+        commands = reproduce(decisions, _injection_arguments(args))
+        if commands:
+            print("reproduce each regressed cell alone with:")
+            print("\n".join(f"  {c}" for c in commands))
         print(summary(decisions, thresholds) + f" ({wall:.0f} s)")
     if args.update_baseline:
         write_baseline(path, measured)
+        spreads = sorted(c.spread for c in results if c.spread is not None)
+        if spreads:
+            print(
+                f"regress: run-to-run spread of the cells' time ratios over {repeats} runs: "
+                f"median x{spreads[len(spreads) // 2]:.3f}, largest x{spreads[-1]:.3f}"
+            )
         print(f"regress: wrote the baseline {path} ({len(results)} cells, {wall:.0f} s)")
         return 0
     return 1 if regressions(decisions) else 0

@@ -81,7 +81,7 @@ NUMBER_COLUMNS = (
     "wall_s",
 )
 
-#: the largest batch size a table holds (``bench.cli.MAX_BATCH_SIZE``)
+#: the largest batch size a table holds (``correctness.cli.MAX_BATCH_SIZE``)
 MAX_BATCH_SIZE = 2**31 - 1
 
 #: what a cell's ``status`` can be

@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 import impls
+from bench import counters
 from bench import memory as memory_module
 from bench import precision as precisions
 from bench.cases import default_batch_sizes
@@ -70,6 +71,9 @@ class Settings:
     measure_memory: bool = True
     memory_fraction: float = 0.5  # skip CPU cells extrapolated above this share of free RAM
     seed: int = 0
+    clock: str = "wall"  # "wall" or "cpu" (bench.timing.CLOCKS); budgets are always wall time
+    #: also count one call's FLOPs, aten operators and bytes allocated (bench.counters)
+    count: bool = False
 
     @property
     def call_limit_s(self) -> float:
@@ -552,6 +556,7 @@ class Sweep:
                         rounds=rounds,
                         min_run_time=s.min_run_time,
                         device=cell.device,
+                        clock=s.clock,
                         label=cell.quantity,
                         sub_label=cell.implementation,
                         description=f"{cell.case.name} B={cell.batch_size}",
@@ -559,7 +564,7 @@ class Sweep:
                 # outside any time limit: an alarm inside memray's tracker would break its
                 # global state; the probe showed that one more call fits the budget
                 if s.measure_memory:
-                    call_memory = memory_module.peak_memory(call, cell.device)
+                    call_memory = memory_module.peak_memory(call, cell.device, allocated=s.count)
                     if plain_key not in self._plain_memory:
                         plain_memory = memory_module.peak_memory(plain, cell.device)
                         self._plain_memory[plain_key] = plain_memory
@@ -568,6 +573,7 @@ class Sweep:
                     call_memory = plain_memory = memory_module.MemoryReading(
                         None, "memory not measured"
                     )
+                counts = counters.count(call) if s.count else None
         finally:
             model.zero_grad(set_to_none=True)
         flags = []
@@ -596,6 +602,17 @@ class Sweep:
             "round_ratios": tuple(
                 c / p
                 for c, p in zip(call_stats.round_medians, plain_stats.round_medians, strict=True)
+            ),
+            # with Settings.count, likewise read by the gate only
+            **(
+                {}
+                if counts is None
+                else {
+                    "flops": counts.flops,
+                    "aten_ops": counts.operators,
+                    "allocated_bytes": call_memory.allocated_bytes,
+                    "counts_note": counts.note,
+                }
             ),
         }
 

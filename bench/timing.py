@@ -3,6 +3,12 @@
 Each round runs ``Timer.blocked_autorange`` once for the call and once for the plain step, in
 alternating order; the rounds of each are merged with ``Measurement.merge``, so drift on a busy
 machine lands on both sides of the ratio. All times are seconds per call.
+
+Two clocks (``CLOCKS``): "wall", elapsed time (CUDA synchronised), what a user waits for; and
+"cpu", the process's CPU time (``time.process_time``: every thread of the process, so torch's
+intra-op threads count too). On a shared machine another process's burst stretches the wall
+time of whatever runs meanwhile but not its CPU time, so the regression gate times in CPU time;
+a CUDA kernel's time is not the host's CPU time, so "cpu" is refused for CUDA.
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import signal
 import threading
+import time
 import timeit
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -57,8 +64,18 @@ class Stats:
         )
 
 
-def device_timer(device: str | torch.device) -> Callable[[], float]:
-    """A wall clock (seconds) that first waits for queued CUDA work when timing on CUDA."""
+CLOCKS = ("wall", "cpu")
+
+
+def device_timer(device: str | torch.device, clock: str = "wall") -> Callable[[], float]:
+    """A clock in seconds: "wall" (first waiting for queued CUDA work when timing on CUDA) or
+    "cpu" (the process's CPU time; ValueError on CUDA)."""
+    if clock not in CLOCKS:
+        raise ValueError(f"clock must be one of {', '.join(CLOCKS)}, got {clock!r}")
+    if clock == "cpu":
+        if torch.device(device).type != "cpu":
+            raise ValueError(f"the cpu clock times CPU work only, not {device}: use wall time")
+        return time.process_time
     if torch.device(device).type == "cuda":
 
         def cuda_timer() -> float:
@@ -85,16 +102,18 @@ def interleaved(
     rounds: int = 3,
     min_run_time: float = 0.1,
     device: str | torch.device = "cpu",
+    clock: str = "wall",
     label: str = "",
     sub_label: str = "",
     description: str = "",
 ) -> tuple[Stats, Stats]:
-    """Time ``call`` and ``plain`` in ``rounds`` alternating blocked_autorange runs.
+    """Time ``call`` and ``plain`` in ``rounds`` alternating blocked_autorange runs, on
+    ``clock`` ("wall" or "cpu", see ``CLOCKS``).
 
     Only ``call()`` / ``plain()`` are inside the timed statements; build their arguments
     beforehand (e.g. with ``functools.partial``). Returns (call stats, plain stats).
     """
-    clock = device_timer(device)
+    clock = device_timer(device, clock)
 
     def timer(fn, name):
         return Timer(

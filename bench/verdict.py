@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 import pandas as pd
 import torch
 
-from bench.cli import text_table
+from correctness.cli import text_table
 from bench.floor import FLOOR
 from bench.report import fastest, format_bytes, format_seconds
 

@@ -5,7 +5,7 @@ bf16 parameters, bf16 autocast) against the float64 oracle of the same parameter
 precision's tolerances; ``--rounding`` prints instead what a plain per-example loop in that
 precision gets on each case (what the tolerances are derived from).
 
-Bad arguments are one line on stderr and exit code 2 (``bench.cli``, the command lines' shared
+Bad arguments are one line on stderr and exit code 2 (``correctness.cli``, the command lines' shared
 helper: the only piece of ``bench`` this imports).
 """
 
@@ -17,7 +17,7 @@ import sys
 import torch
 
 import impls
-from bench import cli
+from correctness import cli
 from correctness import precision as precisions
 from correctness import status
 from correctness.cases import CASES

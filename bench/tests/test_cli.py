@@ -120,7 +120,7 @@ BAD_NUMBERS = {
     "--confirm": ["-1", "x", "1.5"],
     "--alpha": ["0", "1.5", "nan"],
     "--threshold": ["-1", "inf"],
-    "--memory-threshold": ["-0.5"],
+    "--counter-threshold": ["-0.5"],
 }
 
 
@@ -220,15 +220,15 @@ def test_a_sweep_refuses_to_merge_into_a_foreign_table(tmp_path, monkeypatch):
     "text, expected",
     [
         ("[]", "a JSON list, not an object"),
-        ('{"format": "pegbench-regress-baseline/1", "cells": {}}', "no list of 'cells'"),
+        ('{"format": "pegbench-regress-baseline/2", "cells": {}}', "no list of 'cells'"),
         (
-            '{"format": "pegbench-regress-baseline/1", "cells": [{"case": "mlp_mnist", '
+            '{"format": "pegbench-regress-baseline/2", "cells": [{"case": "mlp_mnist", '
             '"implementation": "ghost", "quantity": "norms", "batch_size": 16, '
             '"status": "ok", "ratio": "fast"}]}',
             "cell 0 (ghost mlp_mnist 16): 'ratio' must be a number >= 0 or null",
         ),
         (
-            '{"format": "pegbench-regress-baseline/1", "cells": [{"case": "mlp_mnist"}]}',
+            '{"format": "pegbench-regress-baseline/2", "cells": [{"case": "mlp_mnist"}]}',
             "a cell has no 'implementation'",
         ),
         ("\x00\x01binary", "unreadable"),
@@ -276,7 +276,7 @@ def _files(root: Path) -> dict[str, str]:
     results_folder(root / "broken_environment", environment=[1, 2])
     cell = CellResult("mlp_mnist", "ghost", "norms", 16, "ok", ratio=2.0, ratio_samples=(2.0,))
     write_baseline(root / "baseline.json", Baseline([cell]))
-    (root / "bad_baseline.json").write_text('{"format": "pegbench-regress-baseline/1"}')
+    (root / "bad_baseline.json").write_text('{"format": "pegbench-regress-baseline/2"}')
     names = [
         "tiny.py",
         "broken.py",
@@ -348,17 +348,21 @@ OPTIONS = {
     "regress": {
         "--baseline": "file",
         "--threshold": "number",
-        "--memory-threshold": "number",
+        "--counter-threshold": "number",
         "--alpha": "number",
+        "--no-time": "flag",
         "--update-baseline": "flag",
+        "--repeat": "number",
         "--confirm": "number",
         "--save": "file",
         "--inject-slowdown": "injection",
         "--inject-memory": "injection",
+        "--inject-materialise": "flag",
         "--device": "device",
         "--cases": "cases+",
         "--impls": "impls+",
         "--batch-sizes": "numbers",
+        "--quantities": "quantities+",
         "--threads": "number",
         "--rounds": "number",
         "--min-run-time": "number",

@@ -1,7 +1,7 @@
 """The regression gate: its decisions on synthetic baselines and samples (``bench.gate``), the
-baseline file (``bench.baseline``), the command's exit codes (``bench.regress``, with the
-measurement replaced by synthetic results), the slowdown injection, and one short end-to-end
-run on the fake case of known cost."""
+baseline file (``bench.baseline``), the command's exit codes and report (``bench.regress``,
+with the measurement replaced by synthetic results), the injections, the counters on a real
+model, and one short end-to-end run on the fake case of known cost."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from bench.sweep import Settings, plan
 from bench.tests.fakes import FAKE_CASE, FakeImplementation, Refuses
 
 MIB = 2**20
-LOOSE = Thresholds(time=1.0, memory=0.25, alpha=0.01)
+LOOSE = Thresholds(time=1.0, alpha=0.01)
 
 
 def cell(
@@ -36,6 +36,9 @@ def cell(
     status="ok",
     implementation="ghost",
     plain_peak=100 * MIB,
+    flops=1_000_000,
+    aten_ops=100,
+    allocated=200 * MIB,
     **kw,
 ) -> CellResult:
     ok = status == "ok"
@@ -51,6 +54,10 @@ def cell(
         memory_ratio=memory_ratio if ok else None,
         memory_peak_bytes=int(memory_ratio * plain_peak) if ok else None,
         plain_peak_bytes=plain_peak if ok else None,
+        flops=flops if ok else None,
+        aten_ops=aten_ops if ok else None,
+        allocated_bytes=allocated if ok else None,
+        **kw,
     )
 
 
@@ -70,7 +77,8 @@ def test_unchanged_cell_passes():
     base = cell()
     run = cell(ratio=2.3, samples=scaled(base.ratio_samples, 1.15), memory_ratio=1.5)
     decisions = decide([base], [run], LOOSE)
-    assert {d.metric: d.verdict for d in decisions} == {"time": UNCHANGED, "memory": UNCHANGED}
+    expected = {"time": UNCHANGED, **{name: UNCHANGED for name, _, _ in gate.COUNTERS}}
+    assert {d.metric: d.verdict for d in decisions} == expected
     assert not gate.regressions(decisions)
 
 
@@ -101,6 +109,27 @@ def test_within_threshold_is_unchanged_even_when_significant():
     assert only(decide([base], [run], strict), "time").verdict == REGRESSION
 
 
+def test_each_cell_has_its_own_time_threshold_from_its_spread():
+    steady, shaky = cell(spread=1.03), cell(spread=1.4)
+    assert gate.time_threshold(1.03) == gate.MIN_TIME_THRESHOLD
+    assert gate.time_threshold(1.4) == pytest.approx(gate.SPREAD_MARGIN * 0.4)
+    slower = cell(ratio=2.6, samples=scaled(cell().ratio_samples, 1.3))
+    per_cell = Thresholds()  # time=None: each baseline cell's own
+    assert only(decide([steady], [slower], per_cell), "time").verdict == REGRESSION
+    decision = only(decide([shaky], [slower], per_cell), "time")
+    assert decision.verdict == UNCHANGED and decision.threshold == pytest.approx(0.8)
+    assert Thresholds().time_for(cell()) == gate.DEFAULT_THRESHOLD  # a cell with no spread
+
+
+def test_merge_repeats_pools_rounds_and_measures_the_spread():
+    runs = [[cell(ratio=r, samples=(r, r))] for r in (2.0, 2.2, 2.1)]
+    (merged,) = gate.merge_repeats(runs)
+    assert merged.ratio == pytest.approx(2.1) and len(merged.ratio_samples) == 6
+    assert merged.spread == pytest.approx(1.1)
+    flicker = gate.merge_repeats([[cell()], [cell(status="timeout")]])
+    assert flicker[0].status == "timeout" and "ok in 1 of 2 runs" in flicker[0].reason
+
+
 def test_too_few_rounds_for_the_rank_test_the_threshold_decides():
     base = cell()
     run = cell(ratio=20.0, samples=(20.0,))  # the budget allowed one round
@@ -118,22 +147,43 @@ def test_improvement_is_reported_not_gated():
     assert not gate.regressions(decisions)
 
 
-def test_memory_regression_needs_threshold_and_floor():
-    base = cell(memory_ratio=1.5)
-    assert only(decide([base], [cell(memory_ratio=2.0)], LOOSE), "memory").verdict == REGRESSION
-    assert only(decide([base], [cell(memory_ratio=1.8)], LOOSE), "memory").verdict == UNCHANGED
-    # 3x the ratio, but 20 KiB more at a 10 KiB plain peak: under the floor
-    tiny = cell(memory_ratio=1.0, plain_peak=10 * 1024)
-    grown = cell(memory_ratio=3.0, plain_peak=10 * 1024)
-    assert only(decide([tiny], [grown], LOOSE), "memory").verdict == UNCHANGED
-    shrunk = only(decide([base], [cell(memory_ratio=0.5)], LOOSE), "memory")
-    assert shrunk.verdict == IMPROVEMENT
-
-
-def test_missing_memory_is_not_gated():
+def test_counters_are_held_tightly():
     base = cell()
-    run = CellResult(**{**base.__dict__, "memory_ratio": None})
-    assert only(decide([base], [run], LOOSE), "memory").verdict == NOT_GATED
+    tight = Thresholds(time=1.0)
+    more_flops = only(decide([base], [cell(flops=1_060_000)], tight), "flops")
+    assert more_flops.verdict == REGRESSION and more_flops.change == pytest.approx(1.06)
+    assert only(decide([base], [cell(flops=1_040_000)], tight), "flops").verdict == UNCHANGED
+    assert only(decide([base], [cell(aten_ops=120)], tight), "aten ops").verdict == REGRESSION
+    fewer = only(decide([base], [cell(aten_ops=80)], tight), "aten ops")
+    assert fewer.verdict == IMPROVEMENT and not gate.regressions([fewer])
+    copy = only(decide([base], [cell(allocated=300 * MIB)], tight), "bytes allocated")
+    assert copy.verdict == REGRESSION and "+104,857,600 bytes" in copy.note
+    peak = only(decide([base], [cell(memory_ratio=2.0)], tight), "peak bytes")
+    assert peak.verdict == REGRESSION
+    # 3x the bytes, but 20 KiB more: under the floor
+    tiny, grown = cell(allocated=10 * 1024), cell(allocated=30 * 1024)
+    assert only(decide([tiny], [grown], tight), "bytes allocated").verdict == UNCHANGED
+
+
+def test_counters_of_another_torch_build_or_missing_are_not_gated():
+    base = cell()
+    other_build = Thresholds(time=1.0, gate_counters=False)
+    decisions = decide([base], [cell(flops=9_000_000)], other_build)
+    assert not gate.regressions(decisions)
+    assert only(decisions, "counters").note == "counters not comparable"
+    uncounted = CellResult(**{**base.__dict__, "flops": None, "counts_note": "not counted: X"})
+    flops = only(decide([base], [uncounted], LOOSE), "flops")
+    assert flops.verdict == NOT_GATED and flops.note == "not counted: X"
+
+
+def test_no_time_gates_counters_only():
+    base = cell()
+    slow = cell(ratio=20.0, samples=scaled(base.ratio_samples, 10))
+    decisions = decide([base], [slow], Thresholds(gate_time=False))
+    assert only(decisions, "time").verdict == NOT_GATED and not gate.regressions(decisions)
+    decisions = decide([base], [cell(flops=5_000_000)], Thresholds(gate_time=False))
+    assert [d.metric for d in gate.regressions(decisions)] == ["flops"]
+    assert "time not gated" in gate.summary(decisions, Thresholds(gate_time=False))
 
 
 @pytest.mark.parametrize("status", ["unsupported", "timeout", "error", "oom", "skipped"])
@@ -162,8 +212,13 @@ def test_table_and_summary_name_the_regression():
     run = cell(ratio=20.0, samples=scaled(base.ratio_samples, 10))
     decisions = decide([base], [run], LOOSE)
     table = gate.format_table(gate.regressions(decisions))
-    assert "REGRESSION" in table and "ghost" in table and "x10.00" in table
+    assert "REGRESSION" in table and "ghost" in table and "x10.000" in table
     assert gate.summary(decisions, LOOSE).startswith("regress: FAIL")
+    (command,) = gate.reproduce(decisions, ["--no-time"])
+    assert command == (
+        "python -m bench regress --cases mlp_mnist --impls ghost --batch-sizes 16 "
+        "--quantities norms --no-time"
+    )
 
 
 # -- the baseline file ---------------------------------------------------------------------------
@@ -208,6 +263,9 @@ def synthetic_runs(monkeypatch):
 
 
 def run_gate(tmp_path, *extra):
+    """The command on the synthetic measurement; a baseline from one run unless told."""
+    if "--update-baseline" in extra and "--repeat" not in extra:
+        extra = (*extra, "--repeat", "1")
     return main(
         ["regress", "--baseline", str(tmp_path / "b.json"), "--no-progress", "--impls", "ghost"]
         + list(extra)
@@ -225,6 +283,11 @@ def test_exit_codes(tmp_path, synthetic_runs, capsys):
     assert run_gate(tmp_path, "--threshold", "1.0") == 1
     out = capsys.readouterr().out
     assert "REGRESSION" in out and "regress: FAIL" in out
+    assert "reproduce each regressed cell alone with:" in out
+    assert "python -m bench regress --cases mlp_mnist --impls ghost --batch-sizes 16" in out
+    synthetic_runs["next"] = [cell(flops=2_000_000)]
+    assert run_gate(tmp_path, "--no-time") == 1
+    assert "flops" in capsys.readouterr().out
     synthetic_runs["next"] = [cell(status="timeout")]
     assert run_gate(tmp_path) == 1
     # --update-baseline accepts the new state and exits 0
@@ -239,6 +302,9 @@ def test_confirm_keeps_only_repeated_regressions():
     first = decide([base], [slow], LOOSE)
     (kept,) = gate.regressions(gate.confirm(first, decide([base], [slow], LOOSE)))
     assert "confirmed: measured again, x10.00" in kept.note
+    # counters are deterministic: a counter regression stands without a second measurement
+    more = decide([base], [cell(flops=2_000_000)], LOOSE)
+    assert only(gate.confirm(more, []), "flops").verdict == REGRESSION
     dropped = only(gate.confirm(first, decide([base], [cell()], LOOSE)), "time")
     assert dropped.verdict == UNCHANGED and dropped.note.startswith(gate.NOT_CONFIRMED)
     # a cell that timed out, then measured fine
@@ -285,6 +351,8 @@ def test_bad_arguments_exit_2(tmp_path, synthetic_runs, capsys):
         ["--inject-memory", "ghost=-1"],
         ["--inject-slowdown", "nonexistent=10"],
         ["--inject-slowdown", "ghost=10", "--update-baseline"],
+        ["--inject-materialise", "--update-baseline"],
+        ["--update-baseline", "--repeat", "0"],
         ["--batch-sizes", "0"],
         ["--cases", "no_such_case"],
         ["--threshold", "-1"],
@@ -307,6 +375,31 @@ def test_injection_wraps_only_the_named_implementation(tmp_path, synthetic_runs)
         implementations["hooks"].slowdown == 1 and implementations["hooks"].extra_bytes == 64 * MIB
     )
     assert settings.threads == regress.GATE_THREADS and settings.rounds == regress.GATE_ROUNDS
+    assert settings.clock == "cpu" and settings.count
+
+
+def test_update_baseline_measures_repeats_and_records_spreads(tmp_path, monkeypatch, capsys):
+    ratios = iter([2.0, 2.2, 2.1])
+
+    def measure(cells, settings, implementations=None, progress=True):
+        r = next(ratios)
+        return [cell(ratio=r, samples=(r,) * 3)]
+
+    monkeypatch.setattr(regress, "measure", measure)
+    assert run_gate(tmp_path, "--update-baseline", "--repeat", "3") == 0
+    (written,) = load_baseline(tmp_path / "b.json").cells
+    assert written.spread == pytest.approx(1.1) and len(written.ratio_samples) == 9
+    assert "spread" in capsys.readouterr().out
+
+
+def test_inject_materialise_forces_the_cost_model_only_while_measuring(tmp_path, monkeypatch):
+    from impls.factors import COSTS
+
+    seen = []
+    monkeypatch.setattr(regress, "measure", lambda *a, **k: seen.append(COSTS.force) or [cell()])
+    run_gate(tmp_path, "--update-baseline", "--repeat", "1")
+    run_gate(tmp_path, "--inject-materialise", "--no-time")
+    assert seen == [None, "materialised"] and COSTS.force is None
 
 
 def test_gate_cells_keep_slow_implementations_at_the_smallest_size():

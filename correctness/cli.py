@@ -9,8 +9,9 @@
 - ``check_device``; ``check_output_folder`` / ``check_output_file``: where a command writes;
 - ``text_table``: plain aligned columns for terminal output.
 
-Deliberately light (the standard library; torch only inside ``check_device``):
-``correctness/__main__.py`` imports it too.
+Deliberately light (the standard library; torch only inside ``check_device``). It lives in
+``correctness`` because both ``python -m correctness`` and ``bench`` use it and the packages'
+layering is bench -> correctness -> impls: nothing below imports from above.
 """
 
 from __future__ import annotations

@@ -10,7 +10,8 @@
 - ``bench.report``: REPORT.md and the plots from the tables
 - ``bench.gate`` / ``bench.baseline`` / ``bench.regress``: the regression gate's decisions,
   its baseline file, its command
-- ``python -m bench``: the command line (``bench/__main__.py``, shared pieces in ``correctness.cli``)
+- ``python -m bench``: the command line (``bench/__main__.py``; the pieces every command line
+  shares are ``correctness.cli``)
 
 Importing ``bench`` imports nothing heavy: ``bench.compare`` loads ``bench.comparison`` (torch,
 pandas, the implementations) when first used.

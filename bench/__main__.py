@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 
 from bench import comparison, regress
-from correctness import cli
 from bench.floor import FLOOR
+from correctness import cli
 
 QUICK = dict(
     batch_sizes=[16, 64],  # per case, those not above the case's default ladder
@@ -322,10 +322,18 @@ def add_floor_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("case", help="a bench case (see python -m bench --help for the list)")
     parser.add_argument("--batch-size", type=cli.BATCH_SIZE, default=32, help="default 32")
     parser.add_argument("--quantity", choices=("norms", "gram"), default="norms")
-    parser.add_argument("--threads", type=cli.THREADS, default=None,
-                        help=f"torch intra-op threads (default {torch.get_num_threads()})")
-    parser.add_argument("--rounds", type=cli.ROUNDS, default=5,
-                        help="interleaved rounds of the activation step and the plain step")
+    parser.add_argument(
+        "--threads",
+        type=cli.THREADS,
+        default=None,
+        help=f"torch intra-op threads (default {torch.get_num_threads()})",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=cli.ROUNDS,
+        default=5,
+        help="interleaved rounds of the activation step and the plain step",
+    )
 
 
 def validate_floor(args) -> None:

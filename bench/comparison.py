@@ -37,8 +37,8 @@ from typing import Any
 import pandas as pd
 import torch
 
-from correctness import cli
 from bench.floor import FLOOR
+from correctness import cli
 
 #: the default run: the sweep's own defaults, three batch sizes
 DEFAULT = dict(batch_sizes=(16, 64, 256), rounds=3, min_run_time=0.1, budget=10.0)

@@ -548,8 +548,8 @@ def payload_report(model_name: str, tokens: list[int], examples: int, ranks: int
     a distributed Gram matrix (``impls.distributed.payload``, ghost), by form, against the
     per-example gradients' bytes, and what ``ranks`` ranks would send each."""
     import impls
-    from correctness.cli import text_table
     from correctness import hf_models, losses
+    from correctness.cli import text_table
     from impls.distributed import payload
 
     if model_name != "gpt2-124m":

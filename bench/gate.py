@@ -37,7 +37,7 @@ from correctness.cli import text_table
 #: a time ratio's allowed worsening where the baseline has no per-cell threshold
 DEFAULT_THRESHOLD = 0.25
 #: per-cell time thresholds: SPREAD_MARGIN x the measured run-to-run spread, at least this
-MIN_TIME_THRESHOLD, SPREAD_MARGIN = 0.15, 2.0
+MIN_TIME_THRESHOLD, SPREAD_MARGIN = 0.20, 3.0
 #: relative growth of a counter that counts (deterministic counts: a few percent)
 DEFAULT_COUNTER_THRESHOLD = 0.05
 DEFAULT_ALPHA = 0.01
@@ -132,10 +132,10 @@ REGRESSION, IMPROVEMENT, UNCHANGED, NOT_GATED = "REGRESSION", "improvement", "ok
 @dataclass(frozen=True)
 class Thresholds:
     """``time``: relative worsening of a time ratio that counts (0.25 = 1.25x) for every cell;
-    None: each cell's own ``time_threshold(spread)`` from the baseline (``DEFAULT_THRESHOLD`` where it
-    has none). ``counters``: relative growth of a counter that counts. ``alpha``: the rank
-    test's one-sided level. ``gate_time``/``gate_counters``: False leaves that kind ungated
-    (``--no-time``; counters of another torch build)."""
+    None: each cell's own ``time_threshold(spread)`` from the baseline (``DEFAULT_THRESHOLD``
+    where it has no spread). ``counters``: relative growth of a counter that counts.
+    ``alpha``: the rank test's one-sided level. ``gate_time``/``gate_counters``: False leaves
+    that kind ungated (``--no-time``; counters of another torch build)."""
 
     time: float | None = None
     counters: float = DEFAULT_COUNTER_THRESHOLD
@@ -443,9 +443,7 @@ def format_not_gated(decisions: Sequence[Decision]) -> str:
 def summary(decisions: Sequence[Decision], thresholds: Thresholds) -> str:
     cells = {d.key for d in decisions}
     timed = {d.key for d in decisions if d.metric == "time" and d.verdict != NOT_GATED}
-    counted = {
-        d.key for d in decisions if d.metric in COUNTERS_BY_NAME and d.verdict != NOT_GATED
-    }
+    counted = {d.key for d in decisions if d.metric in COUNTERS_BY_NAME and d.verdict != NOT_GATED}
     not_gated = {d.key for d in decisions if d.verdict == NOT_GATED and d.metric == "status"}
     bad = regressions(decisions)
     better = [d for d in decisions if d.verdict == IMPROVEMENT]

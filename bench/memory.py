@@ -85,7 +85,11 @@ def _heap_peak(call, allocated: bool = False) -> MemoryReading:
         path = os.path.join(folder, "call.bin")
         # aggregated format: a small file, and the reader's metadata still has the peak; every
         # allocation's record only when their sum is asked for
-        kind = memray.FileFormat.ALL_ALLOCATIONS if allocated else memray.FileFormat.AGGREGATED_ALLOCATIONS
+        kind = (
+            memray.FileFormat.ALL_ALLOCATIONS
+            if allocated
+            else memray.FileFormat.AGGREGATED_ALLOCATIONS
+        )
         with memray.Tracker(path, file_format=kind):
             result = call()
             del result

@@ -49,7 +49,6 @@ from typing import Any
 
 import torch
 
-from correctness import cli
 from bench.baseline import (
     UPDATE_COMMAND,
     Baseline,
@@ -80,6 +79,7 @@ from bench.gate import (
     reproduce,
     summary,
 )
+from correctness import cli
 
 #: the gate's cells: cases, batch sizes, and the implementations gated at the smallest size only
 GATE_CASES = ("mlp_mnist", "cnn_cifar", "transformer_t64", "lstm")
@@ -498,9 +498,7 @@ def run(args: argparse.Namespace) -> int:
             )
             decisions = decide(baseline.cells, results, thresholds)
             for attempt in range(1, args.confirm + 1):
-                suspects = {
-                    d.key for d in regressions(decisions) if d.metric in ("time", "status")
-                }
+                suspects = {d.key for d in regressions(decisions) if d.metric in ("time", "status")}
                 if not suspects or args.update_baseline:
                     break
                 print(

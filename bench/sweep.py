@@ -521,6 +521,7 @@ class Sweep:
 
         budget = self.budget(cell)
         call_limit = budget / MIN_CALLS_PER_CELL
+
         def remaining() -> float:
             left = budget - (time.perf_counter() - started)
             if left <= 0:

@@ -18,9 +18,9 @@ from collections.abc import Mapping, Sequence
 import pandas as pd
 import torch
 
-from correctness.cli import text_table
 from bench.floor import FLOOR
 from bench.report import fastest, format_bytes, format_seconds
+from correctness.cli import text_table
 
 
 def _number(value) -> float | None:
@@ -192,8 +192,10 @@ def floor_line(frame: pd.DataFrame, names: Sequence[str], batch_size: int) -> st
         parts.append(text)
     if not parts:
         return "floor: not measured"
-    return "floor (the forward and activation backward any per-layer method pays, plus the " \
+    return (
+        "floor (the forward and activation backward any per-layer method pays, plus the "
         "fastest exact reductions): " + "; ".join(parts)
+    )
 
 
 def verdict(frame: pd.DataFrame, names: Sequence[str], batch_size: int) -> str:

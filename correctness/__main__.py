@@ -5,8 +5,8 @@ bf16 parameters, bf16 autocast) against the float64 oracle of the same parameter
 precision's tolerances; ``--rounding`` prints instead what a plain per-example loop in that
 precision gets on each case (what the tolerances are derived from).
 
-Bad arguments are one line on stderr and exit code 2 (``correctness.cli``, the command lines' shared
-helper: the only piece of ``bench`` this imports).
+Bad arguments are one line on stderr and exit code 2 (``correctness.cli``, what every command
+line of pegbench shares).
 """
 
 from __future__ import annotations
@@ -17,9 +17,8 @@ import sys
 import torch
 
 import impls
-from correctness import cli
+from correctness import cli, status
 from correctness import precision as precisions
-from correctness import status
 from correctness.cases import CASES
 from correctness.harness import QUANTITIES, loop_rounding, run
 from correctness.report import format_matrix, format_rounding

@@ -359,9 +359,7 @@ class Capture:
         batch dimension's full size there, row for row: its rows are the examples'."""
         tensors = args[0] if args else kwargs.get("tensors")
         dim = kwargs.get("dim", args[1] if len(args) > 1 else 0)
-        layout = next(
-            (t for x in tensors if isinstance(t := self.watch.tag_of(x), Layout)), None
-        )
+        layout = next((t for x in tensors if isinstance(t := self.watch.tag_of(x), Layout)), None)
         replaced: dict[int, Tensor] = {}
         stack = name_of(func) == "stack"
         for x in tensors:
@@ -514,9 +512,7 @@ class Capture:
                 if inside(use.frames, key):
                     del use.wanted[role]
         self.uses = [u for u in self.uses if u.wanted]
-        self.meetings = [
-            m for m in self.meetings if not inside(m.frames, id(m.source))
-        ]
+        self.meetings = [m for m in self.meetings if not inside(m.frames, id(m.source))]
         self.aliases = [a for a in self.aliases if not inside(a.frames, id(a.param))]
 
     def _fallback_call(self, frame: Frame, marked: dict) -> ModuleCall:

@@ -1172,5 +1172,3 @@ _register(
 def is_metadata(func: Any) -> bool:
     """Calls that read shapes, types or flags, or hand a tensor back as it is (no values)."""
     return handler_for(func) is _ignore
-
-

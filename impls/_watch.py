@@ -250,8 +250,7 @@ def _edges(outputs) -> list:
 
     leaves, _ = tree_flatten(outputs)
     return [
-        get_gradient_edge(x) if isinstance(x, Tensor) and x.requires_grad else None
-        for x in leaves
+        get_gradient_edge(x) if isinstance(x, Tensor) and x.requires_grad else None for x in leaves
     ]
 
 

@@ -126,7 +126,6 @@ def _through_function(use, sink: list) -> Tensor:
 class FunctionCapture(Capture):
     """The capture, with recorded calls run through the Functions and anything else refused."""
 
-
     def __init__(self, side):
         super().__init__(side, create_graph=False)
         self.sinks: list[tuple[Use, list]] = []

@@ -117,7 +117,8 @@ def test_each_cell_has_its_own_time_threshold_from_its_spread():
     per_cell = Thresholds()  # time=None: each baseline cell's own
     assert only(decide([steady], [slower], per_cell), "time").verdict == REGRESSION
     decision = only(decide([shaky], [slower], per_cell), "time")
-    assert decision.verdict == UNCHANGED and decision.threshold == pytest.approx(0.8)
+    assert decision.verdict == UNCHANGED
+    assert decision.threshold == pytest.approx(gate.SPREAD_MARGIN * 0.4)
     assert Thresholds().time_for(cell()) == gate.DEFAULT_THRESHOLD  # a cell with no spread
 
 

@@ -80,8 +80,9 @@ class _Tiles:
                 part = torch.nn.functional.pad(part, (lo - start, start + height - hi))
             return part if tile is None else (tile.add_(part) if in_place else tile + part)
         if isinstance(f, Indexed):
-            a, b = torch.searchsorted(self.row, torch.tensor([start, start + height],
-                                                             device=self.row.device)).tolist()
+            a, b = torch.searchsorted(
+                self.row, torch.tensor([start, start + height], device=self.row.device)
+            ).tolist()
             if tile is None:
                 tile = self.values.new_zeros(self.n, self.values.shape[1], height)
                 in_place = not differentiable

@@ -220,9 +220,7 @@ def materialised_blocks(gradients: Tensor, activations: Tensor, examples: int):
     acts3 = activations.reshape(n * groups, t, i).transpose(1, 2)  # [n·G, i, t]
     # the same chunks for both sides of a pair: sized by the examples of both
     step = max(1, min(i, costs.MATERIALISE_ELEMENTS // max(1, examples * groups * o)))
-    reuse = not (
-        torch.is_grad_enabled() and (gradients.requires_grad or activations.requires_grad)
-    )
+    reuse = not (torch.is_grad_enabled() and (gradients.requires_grad or activations.requires_grad))
     buffer = None
     for k in range(0, i, step):
         c = min(step, i - k)

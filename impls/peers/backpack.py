@@ -185,8 +185,12 @@ class BackPACKRun(LibraryRun):
         b, field = self.side.batch_size, self.savefield
         return {
             n: read_result(
-                "BackPACK", field, n, getattr(p, field, None),
-                (b,) if field == "batch_l2" else (b, *p.shape), p,
+                "BackPACK",
+                field,
+                n,
+                getattr(p, field, None),
+                (b,) if field == "batch_l2" else (b, *p.shape),
+                p,
             )  # fmt: skip
             for n, p in self.side.params.items()
         }

@@ -128,9 +128,7 @@ def _per_example(name: str, p: nn.Parameter, batch_size: int, ghost: bool) -> Te
         if squared is None and sample is not None:
             squared = sample.flatten(1).pow(2).sum(1)
         return read_result("Opacus", "norms", name, squared, (batch_size,), p)
-    return read_result(
-        "Opacus", "per-example gradients", name, sample, (batch_size, *p.shape), p
-    )
+    return read_result("Opacus", "per-example gradients", name, sample, (batch_size, *p.shape), p)
 
 
 class Opacus(MaterialisingImplementation):

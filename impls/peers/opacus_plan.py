@@ -284,5 +284,3 @@ def _dp_names(old: nn.Module, dp: nn.Module) -> dict[str, list[str]]:
 
 def trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-
-

@@ -169,5 +169,3 @@ def _same(got: Any, want: Any) -> bool:
     # a reimplementation rounds differently: allow a few hundred ulps of the output's scale
     tol = 256 * torch.finfo(want.dtype).eps * max(1.0, want.abs().max().item())
     return bool((got.detach() - want).abs().max() <= tol) if want.numel() else True
-
-

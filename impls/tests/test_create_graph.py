@@ -27,9 +27,6 @@ DIFFERENTIABLE = [n for n in ("naive", "vmap", "ghost") if n in impls.names()]
 OTHERS = [n for n in impls.names() if n not in DIFFERENTIABLE]
 
 
-
-
-
 def _trainable(model):
     return [p for p in model.parameters() if p.requires_grad]
 

@@ -30,7 +30,6 @@ from impls.tests.conftest import ce as _ce
 NAMES = impls.names()
 
 
-
 def _backward_per_example(model, batch):
     """name -> Tensor[B, *shape] by ``loss.backward()`` per example (reentrant checkpointing
     works with backward() only)."""

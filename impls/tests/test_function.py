@@ -31,8 +31,6 @@ FUNCTION = impls.get("function")
 NAIVE = impls.get("naive")
 
 
-
-
 def _classes(b, shape, classes=3, seed=0, dtype=DOUBLE):
     gen = torch.Generator().manual_seed(seed)
     return torch.randn(b, *shape, generator=gen, dtype=dtype), torch.randint(0, classes, (b,))
@@ -116,7 +114,6 @@ def test_frozen_weight_trainable_bias():
             return self.body[4](self.body[3](self.body[2](h)))
 
     _assert_all_agree(Net(), _ce, _classes(4, (4,)), _classes(3, (4,), seed=1))
-
 
 
 class TiedLinears(nn.Module):

@@ -20,8 +20,6 @@ IMPLEMENTATIONS = [n for n in ("naive", "hooks", "function", "ghost") if n in im
 CASES = ["mlp_f64", "conv1d", "embedding"]  # covered by every implementation above
 
 
-
-
 def _problem(case_name):
     case = get_case(case_name)
     model = case.make_model().double()
@@ -186,7 +184,6 @@ def _small():
     batch = (torch.randn(3, 3, generator=gen, dtype=DOUBLE), torch.tensor([0, 1, 1]))
     other = (torch.randn(2, 3, generator=gen, dtype=DOUBLE), torch.tensor([1, 0]))
     return model, batch, other
-
 
 
 @pytest.mark.parametrize("name", DIFFERENTIABLE)

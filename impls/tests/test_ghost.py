@@ -228,7 +228,6 @@ ATTENTION_MODELS = {
 }
 
 
-
 def _attention_problem(name, frozen=()):
     torch.manual_seed(0)
     model = Attend(**ATTENTION_MODELS[name]).double()

@@ -179,10 +179,10 @@ def outer_diagonal(left: Outer, right: Outer, keep: dict | None = None) -> Tenso
     if t == 1 and s == 1:
         # Goodfellow: ⟨g aᵀ, g' a'ᵀ⟩ = (a·a')(g·g')
         if same:
-            grads = g_l.pow(2).sum(-1)  # [n, G, 1]
+            grads = squared_row_norms(g_l, dim=-1)  # [n, G, 1]
             if keep is not None:
                 keep["gradient_products"] = grads.flatten(1).sum(1)
-            products = a_l.pow(2).sum(-1) * grads
+            products = squared_row_norms(a_l, dim=-1) * grads
         else:
             products = (a_l * a_r).sum(-1) * (g_l * g_r).sum(-1)
         return products.flatten(1).sum(1)

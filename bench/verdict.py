@@ -123,6 +123,19 @@ def _best(frame: pd.DataFrame, names, quantity: str, batch_size: int, column: st
     return row["implementation"], row
 
 
+def _agreeing_but_unmeasured(index: Mapping, names: Sequence[str], batch_size: int) -> list[str]:
+    """Implementations whose answers agree with the oracle on both quantities but that have no
+    time at this batch size (timed out, or skipped as extrapolated past the budget)."""
+    found = []
+    for name in names:
+        rows = [index.get((name, q, batch_size)) for q in ("norms", "gram")]
+        if all(r and r.get("correct") == "ok" for r in rows) and any(
+            r.get("status") in ("timeout", "skipped") for r in rows
+        ):
+            found.append(name)
+    return found
+
+
 def _geometric_mean(values: Sequence[float]) -> float:
     return math.exp(sum(math.log(v) for v in values) / len(values))
 
@@ -149,6 +162,13 @@ def recommend(frame: pd.DataFrame, names: Sequence[str], batch_size: int) -> tup
             return None, (
                 "recommendation: no implementation is correct on both norms and Gram here; "
                 f"fastest correct: {', '.join(found)}"
+            )
+        unmeasured = _agreeing_but_unmeasured(index, names, batch_size)
+        if unmeasured:
+            return None, (
+                "recommendation: none measured at this batch size: "
+                f"{', '.join(unmeasured)} agree with the oracle but ran past or were skipped for "
+                "the cell budget (raise --budget, or see a smaller batch size)"
             )
         return None, "recommendation: no implementation answers this model correctly (see above)"
     scored.sort()

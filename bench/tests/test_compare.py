@@ -8,6 +8,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from bench import user_model
@@ -191,3 +192,25 @@ def test_the_example_file_loads():
     inputs, targets = case.make_batch(3)
     assert inputs.shape[0] == targets.shape[0] == 3
     assert case.parameter_count > 0 and case.device == "cpu"
+
+
+def test_a_batch_size_where_every_correct_implementation_ran_out_of_budget():
+    """Not "no implementation answers this model correctly": the ones that agree with the
+    oracle are named, with what to do (measured on examples/gpt2.py --quick at B=32)."""
+    from bench import verdict
+
+    rows = [
+        {"implementation": name, "quantity": q, "batch_size": 32, "status": status,
+         "correct": correct, "ratio": None, "memory_ratio": None}
+        for name, status, correct in (
+            ("ghost", "timeout", "ok"), ("naive", "skipped", "ok"),
+            ("backpack", "unsupported", "unsupported"),
+        )
+        for q in ("norms", "gram")
+    ]  # fmt: skip
+    frame = pd.DataFrame(rows)
+    name, line = verdict.recommend(frame, ["ghost", "naive", "backpack"], 32)
+    assert name is None
+    assert line.startswith("recommendation: none measured at this batch size: ghost, naive agree")
+    refused = frame[frame.implementation == "backpack"]
+    assert "answers this model correctly" in verdict.recommend(refused, ["backpack"], 32)[1]

@@ -73,12 +73,7 @@ def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
         default=Path("results"),
         help="output folder: the sweep updates OUT/<device>/cells.csv (default %(default)s)",
     )
-    parser.add_argument(
-        "--threads",
-        type=cli.THREADS,
-        default=None,
-        help=f"torch intra-op threads (default {torch.get_num_threads()})",
-    )
+    cli.add_threads_argument(parser)
     parser.add_argument(
         "--budget",
         type=cli.SECONDS,
@@ -322,12 +317,7 @@ def add_floor_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("case", help="a bench case (see python -m bench --help for the list)")
     parser.add_argument("--batch-size", type=cli.BATCH_SIZE, default=32, help="default 32")
     parser.add_argument("--quantity", choices=("norms", "gram"), default="norms")
-    parser.add_argument(
-        "--threads",
-        type=cli.THREADS,
-        default=None,
-        help=f"torch intra-op threads (default {torch.get_num_threads()})",
-    )
+    cli.add_threads_argument(parser)
     parser.add_argument(
         "--rounds",
         type=cli.ROUNDS,

@@ -5,11 +5,13 @@
   ``usage(COMMAND)`` turns the ``ValueError`` of a command's own checks into one;
 - argument types that check a number's range and say what is allowed (``whole``, ``number``);
   the same checks for keyword arguments (``check_whole``, ``check_number``);
-- ``add_impls_argument`` and ``check_known`` (the ``--impls`` option and its name check);
+- ``add_impls_argument`` and ``check_known`` (the ``--impls`` option and its name check),
+  ``add_threads_argument``;
 - ``check_device``; ``check_output_folder`` / ``check_output_file``: where a command writes;
 - ``text_table``: plain aligned columns for terminal output.
 
-Deliberately light (the standard library; torch only inside ``check_device``). It lives in
+Deliberately light (the standard library; torch only inside ``check_device`` and
+``add_threads_argument``). It lives in
 ``correctness`` because both ``python -m correctness`` and ``bench`` use it and the packages'
 layering is bench -> correctness -> impls: nothing below imports from above.
 """
@@ -155,6 +157,18 @@ def add_impls_argument(parser: argparse.ArgumentParser, help: str) -> None:
     """``--impls`` / ``--implementations`` NAME ... (dest ``impls``, default None)."""
     parser.add_argument(
         "--impls", "--implementations", dest="impls", nargs="+", default=None, help=help
+    )
+
+
+def add_threads_argument(parser: argparse.ArgumentParser) -> None:
+    """``--threads N`` (torch intra-op threads; default None: torch's current setting)."""
+    import torch
+
+    parser.add_argument(
+        "--threads",
+        type=THREADS,
+        default=None,
+        help=f"torch intra-op threads (default {torch.get_num_threads()})",
     )
 
 

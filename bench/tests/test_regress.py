@@ -122,6 +122,23 @@ def test_each_cell_has_its_own_time_threshold_from_its_spread():
     assert Thresholds().time_for(cell()) == gate.DEFAULT_THRESHOLD  # a cell with no spread
 
 
+def test_a_cell_takes_the_largest_spread_of_its_implementation_on_its_case():
+    """vmap on the LSTM: the norms cell saw both of its modes in the baseline's runs, the Gram
+    cell only one; a run of the Gram cell in the other mode must not fail."""
+    norms = cell(quantity="norms", spread=1.44)
+    gram = cell(quantity="gram", spread=1.07)
+    other = cell(quantity="gram", implementation="hooks", spread=1.02)
+    assert gate.group_spreads([norms, gram, other]) == {
+        ("mlp_mnist", "ghost"): 1.44, ("mlp_mnist", "hooks"): 1.02,
+    }  # fmt: skip
+    high_mode = cell(quantity="gram", ratio=2.6, samples=scaled(cell().ratio_samples, 1.3))
+    decision = only(decide([norms, gram, other], [high_mode], Thresholds()), "time")
+    assert decision.verdict == UNCHANGED
+    assert decision.threshold == pytest.approx(gate.time_threshold(1.44))
+    alone = only(decide([gram], [high_mode], Thresholds()), "time")
+    assert alone.verdict == REGRESSION
+
+
 def test_merge_repeats_pools_rounds_and_measures_the_spread():
     runs = [[cell(ratio=r, samples=(r, r))] for r in (2.0, 2.2, 2.1)]
     (merged,) = gate.merge_repeats(runs)

@@ -290,8 +290,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=cli.number(least=0),
         default=None,
         help="one relative worsening of a time ratio for every cell (0.25: 1.25x the "
-        "baseline's ratio); default: each cell's own threshold from its measured spread "
-        f"({SPREAD_MARGIN:g}x the spread, at least {MIN_TIME_THRESHOLD:g})",
+        "baseline's ratio); default: each cell's own threshold from the measured spread of "
+        "its implementation on its case "
+        f"({SPREAD_MARGIN:g} x (spread - 1), at least {MIN_TIME_THRESHOLD:g})",
     )
     parser.add_argument(
         "--counter-threshold",

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -337,7 +337,7 @@ class Implementation:
         with _untouched(model, create_graph=create_graph):
             squared = self._squared_norms(side, loss_fn, create_graph)
             squared = {n: squared[n].to(dtype) for n in side.params}
-        _refuse_overflow("norms", side, *squared.values())
+        _refuse_overflow("norms", [side], *squared.values())
         if per_param:
             return {n: _safe_sqrt(squared[n]) for n in side.params}
         return _safe_sqrt(sum(squared.values()))
@@ -371,8 +371,7 @@ class Implementation:
             return torch.zeros(b1, b2, dtype=dtype, device=side.device)
         with _untouched(side.model, other_side.model, create_graph=create_graph):
             value = self._inner(side, other_side, loss_fn, create_graph).to(dtype)
-        _refuse_overflow("inner products", side, value)
-        _refuse_overflow("inner products", other_side, value)
+        _refuse_overflow("inner products", [side, other_side], value)
         return value
 
     # -- for subclasses ------------------------------------------------------------------------
@@ -464,10 +463,11 @@ def _check_same_parameters(side: Side, other: Side) -> None:
         raise ValueError(f"other_model's trainable parameters do not match the model's ({detail})")
 
 
-def _refuse_overflow(what: str, side: Side, *values: Tensor) -> None:
-    """A result that is not finite where the model runs below float32 (float16's range is
-    65504) cannot be computed in that precision: refused, not returned."""
-    low = side.low_precision
+def _refuse_overflow(what: str, sides: Sequence[Side], *values: Tensor) -> None:
+    """A result that is not finite where a model of ``sides`` runs below float32 (float16's
+    range is 65504) cannot be computed in that precision: refused, not returned. One check for
+    all the sides (the first low precision among them names the cause)."""
+    low = next((p for p in (s.low_precision for s in sides) if p is not None), None)
     if low is None or not values:
         return
     flat = torch.cat([v.detach().reshape(-1) for v in values])  # one check, one sync

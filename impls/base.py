@@ -232,10 +232,9 @@ def _untouched(*models: nn.Module, create_graph: bool = False):
     The caller's autocast is off inside: implementations enter it again around the forward only
     (:meth:`Side.forward_precision`).
     """
-    devices = sorted(
-        {p.device.index or 0 for m in models for p in m.parameters() if p.device.type == "cuda"}
-    )
-    device_types = sorted({p.device.type for m in models for p in m.parameters()})
+    found = {p.device for m in models for p in m.parameters()}
+    devices = sorted({d.index or 0 for d in found if d.type == "cuda"})
+    device_types = sorted({d.type for d in found})
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch.enable_grad())
         for device_type in device_types:

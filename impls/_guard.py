@@ -76,14 +76,14 @@ def preserved_model(model: nn.Module):
                     changed.append((p, restored))
         for m, attrs, dicts in saved_modules:
             current = m.__dict__
-            if len(current) != len(attrs) or any(current.get(k, _GONE) is not v for k, v in attrs.items()):
+            if _differs(current, attrs):
                 current.clear()
                 current.update(attrs)
             for d, content in dicts:
                 if content is None:
                     if d:
                         d.clear()
-                elif len(d) != len(content) or any(d.get(k, _GONE) is not v for k, v in content.items()):
+                elif _differs(d, content):
                     d.clear()
                     d.update(content)
         for p, requires_grad, grad, attrs, hooks in saved_params:
@@ -112,6 +112,12 @@ def preserved_model(model: nn.Module):
             "per-example gradients of a model that rewrites its parameters (nn.Embedding with "
             "max_norm?) are not defined by one forward"
         )
+
+
+def _differs(current: dict, saved: dict) -> bool:
+    """Whether ``current`` holds other keys or other objects than ``saved`` (by identity)."""
+    return len(current) != len(saved) or any(current.get(k, _GONE) is not v
+                                             for k, v in saved.items())  # fmt: skip
 
 
 def _written_in_forward(modules) -> list[torch.nn.Parameter]:

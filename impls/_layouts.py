@@ -92,11 +92,12 @@ def from_canonical(x: Tensor, layout: Layout, shape: Sequence[int]) -> Tensor:
 class Call:
     """One torch call: its function's name, arguments, result and the tags of its tensors."""
 
-    __slots__ = ("name", "func", "args", "kwargs", "result", "tag_of", "batch_size")
+    __slots__ = ("name", "func", "args", "kwargs", "result", "tag_of", "batch_size", "_tagged")
 
     def __init__(self, name, func, args, kwargs, result, tag_of, batch_size):
         self.name, self.func, self.args, self.kwargs = name, func, args, kwargs
         self.result, self.tag_of, self.batch_size = result, tag_of, batch_size
+        self._tagged = None
 
     def arg(self, index: int, name: str, default: Any = None) -> Any:
         if index < len(self.args):
@@ -104,7 +105,12 @@ class Call:
         return self.kwargs.get(name, default)
 
     def tagged(self) -> list[tuple[Tensor, Tag]]:
-        """Every tensor argument with its tag (nested lists flattened), untagged ones included."""
+        """Every tensor argument with its tag (nested lists flattened), untagged ones included.
+
+        Read once per call (the handlers ask again): a handler that changes a tag makes a new
+        ``Call``."""
+        if self._tagged is not None:
+            return self._tagged
         out = []
         for value in (*self.args, *self.kwargs.values()):
             if isinstance(value, Tensor):
@@ -113,6 +119,7 @@ class Call:
                 for item in value:
                     if isinstance(item, Tensor):
                         out.append((item, self.tag_of(item)))
+        self._tagged = out
         return out
 
     def lost(self, what: str) -> Lost:
@@ -137,11 +144,25 @@ def name_of(func: Any) -> str:
     return getattr(func, "__name__", type(func).__name__)
 
 
+#: handler_for's answers by function (the tables do not change after import); bound
+#: method-wrappers (properties) are new objects at every access and are not kept
+_FOUND: dict[Any, Handler | None] = {}
+
+
 def handler_for(func: Any) -> Handler | None:
+    try:
+        return _FOUND[func]
+    except (KeyError, TypeError):
+        pass
     handler = _HANDLERS.get(func)
-    if handler is not None:
-        return handler
-    return _BY_NAME.get(name_of(func))
+    if handler is None:
+        handler = _BY_NAME.get(name_of(func))
+    if type(func).__name__ != "method-wrapper":
+        try:
+            _FOUND[func] = handler
+        except TypeError:  # unhashable: asked again next time
+            pass
+    return handler
 
 
 def propagate(call: Call) -> list[Tag]:
@@ -1167,6 +1188,30 @@ _register(
     "__repr__", "__str__", "__hash__", "__reduce_ex__", "__deepcopy__", "is_sparse", "is_quantized",
     "is_meta", "is_mkldnn", "is_nested", "is_inference", "grad", "data", "_base",
 )  # fmt: skip
+
+
+#: reads of shapes, types and flags whose result is never a tensor: nothing to follow or capture
+_READS = frozenset({
+    "size", "dim", "shape", "numel", "nelement", "stride", "is_contiguous", "data_ptr",
+    "element_size", "__len__", "dtype", "device", "is_floating_point", "is_complex",
+    "requires_grad", "is_leaf", "grad_fn", "layout", "is_cuda", "ndim", "ndimension",
+    "get_device", "storage_offset", "_version", "names", "is_sparse", "is_quantized", "is_meta",
+    "is_mkldnn", "is_nested", "is_inference",
+})  # fmt: skip
+_IS_READ: dict[Any, bool] = {}
+
+
+def reads_metadata_only(func: Any) -> bool:
+    """Whether ``func`` only reads a shape, a type or a flag (the result is never a tensor): the
+    watch lets such calls through untouched (a model reads ``x.shape`` more often than it
+    computes)."""
+    try:
+        return _IS_READ[func]
+    except KeyError:
+        found = _IS_READ[func] = name_of(func) in _READS
+        return found
+    except TypeError:  # unhashable
+        return name_of(func) in _READS
 
 
 def is_metadata(func: Any) -> bool:

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from impls._layouts import Call, Layout, Lost, Tag, name_of, propagate
+from impls._layouts import Call, Layout, Lost, Tag, name_of, propagate, reads_metadata_only
 
 #: ``interceptor(func, args, kwargs)``: the result of the call, or NotImplemented to run it as is
 Interceptor = Callable[[Any, tuple, dict], Any]
@@ -186,6 +186,8 @@ class BatchWatch(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if reads_metadata_only(func):
+            return func(*args, **kwargs)
         result = NotImplemented
         if self.interceptor is not None:
             result = self.interceptor(func, args, kwargs)

@@ -3,7 +3,8 @@ and where trainable parameters are used.
 
 :class:`BatchWatch` is a ``TorchFunctionMode`` on the calling thread (other threads running the
 same model are not seen). It tags the batch's tensors with their :class:`~impls._layouts.Layout`
-and follows them through every torch call (``impls._layouts.propagate``), keeps the stack of
+and follows them through every torch call (``impls._layouts.propagate``; reads of a shape, a type
+or a flag pass straight through: their results are never tensors), keeps the stack of
 module calls running (forward pre/post hooks on every module of the model), and offers each torch
 call to an ``interceptor`` first: the capture of ``ghost``/``hooks``/``function``, which records
 parameter uses, and the peers' watch, which refuses uses their libraries cannot see.

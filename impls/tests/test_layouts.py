@@ -175,3 +175,25 @@ def test_canonical_round_trip():
     rows = canonical(x, layout, B)
     assert rows.shape == (B, 6, 4, 5)
     torch.testing.assert_close(from_canonical(rows, layout, x.shape), x)
+
+
+def test_reads_of_shapes_types_and_flags_pass_through_and_nothing_else():
+    from impls._layouts import reads_metadata_only
+
+    x = torch.randn(2, 3)
+    calls = []
+
+    class Recording(BatchWatch):
+        def follow(self, func, args, kwargs, result):
+            calls.append(func)
+            super().follow(func, args, kwargs, result)
+
+    with Recording(2, [x]) as watch:
+        assert (x.shape, x.dim(), x.dtype, x.stride(), x.is_contiguous()) is not None
+        assert calls == []  # read without the watch's work
+        view = x.view(3, 2)
+        assert watch.tag_of(view) is not None  # a computation is still followed
+        assert x.T._base is x
+    assert len(calls) == 3  # view, the T property and _base (a tensor: followed)
+    for func in (torch.Tensor.view, torch.Tensor.detach, torch.Tensor.new_zeros, F.linear):
+        assert not reads_metadata_only(func)

@@ -54,7 +54,7 @@ def bench(session: nox.Session) -> None:
 
 @nox.session(python="3.11")
 def regress(session: nox.Session) -> None:
-    """Performance-regression gate against results/baseline-cpu.json."""
+    """Performance-regression gate against results/baseline-cpu-<processor>.json."""
     install(session, "test")
     session.run("python", "-m", "bench", "regress", *session.posargs)
 

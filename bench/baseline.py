@@ -1,4 +1,10 @@
-"""The regression gate's baseline file: ``results/baseline-<device>.json``.
+"""The regression gate's baseline files: ``results/baseline-<device>-<processor>.json``, one per
+processor model (``baseline_for``).
+
+Time ratios to a plain step depend on the processor (the fused LSTM kernel is 1.3-1.6x faster,
+against everything else, on one 2-core machine kind than on another), so a run's times are held
+to the baseline of its own processor; the counters do not depend on it and are held to any
+baseline of the same torch build.
 
 A JSON object: ``format`` (``BASELINE_FORMAT``), ``regenerate_with``, the ``environment`` and
 ``settings`` of the run that measured it, and ``cells``, one object per gate cell (the fields of
@@ -11,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -21,10 +28,32 @@ BASELINE_FORMAT = "pegbench-regress-baseline/2"
 UPDATE_COMMAND = "python -m bench regress --update-baseline"
 
 
-def default_baseline(device: str = "cpu") -> Path:
+def processor_slug(processor: str) -> str:
+    """``"Intel(R) Xeon(R) Processor"`` -> ``"intel-r-xeon-r-processor"``."""
+    return re.sub(r"[^a-z0-9]+", "-", processor.lower()).strip("-") or "unknown"
+
+
+def default_baseline(device: str = "cpu", processor: str | None = None) -> Path:
+    """The baseline file of this device type and processor (``--update-baseline`` writes it)."""
     import torch
 
-    return Path("results") / f"baseline-{torch.device(device).type}.json"
+    from bench.environment import cpu_model
+
+    slug = processor_slug(cpu_model() if processor is None else processor)
+    return Path("results") / f"baseline-{torch.device(device).type}-{slug}.json"
+
+
+def baseline_for(device: str = "cpu", processor: str | None = None) -> Path:
+    """The baseline to compare with: this processor's when there is one, else another
+    processor's of the same device type (its counters are still compared, its times are not:
+    ``bench.regress.times_comparable``); this processor's path when there is none at all."""
+    import torch
+
+    own = default_baseline(device, processor)
+    if own.exists():
+        return own
+    others = sorted(Path("results").glob(f"baseline-{torch.device(device).type}-*.json"))
+    return others[0] if others else own
 
 
 @dataclass

@@ -3,8 +3,9 @@
 A short sweep of a fixed set of cells (``gate_cells``: the MLP, the CNN, the T=64
 transformer and the LSTM at B=16 and B=64, norms and Gram, every registered implementation,
 the per-example-loop ones only at B=16) is measured with ``bench.sweep`` and compared, cell by
-cell (implementation, case, batch size, quantity), with a committed baseline
-(``results/baseline-cpu.json``). The decisions are ``bench.gate``; in short:
+cell (implementation, case, batch size, quantity), with a committed baseline of the same
+processor (``results/baseline-cpu-<processor>.json``, ``bench.baseline``; on another processor
+only the counters are compared). The decisions are ``bench.gate``; in short:
 
 - **counters**, once per cell: FLOPs, aten operators, bytes allocated and peak bytes of one
   call (``bench.counters``, ``bench.memory``). Deterministic, so held to 5%: an algorithmic
@@ -53,6 +54,7 @@ from bench.baseline import (
     UPDATE_COMMAND,
     Baseline,
     BaselineError,
+    baseline_for,
     default_baseline,
     load_baseline,
     write_baseline,
@@ -246,6 +248,15 @@ def counters_comparable(baseline: Baseline, environment: Mapping) -> bool:
     return old is not None and old == new
 
 
+def times_comparable(baseline: Baseline, environment: Mapping) -> bool:
+    """Time ratios are compared only against a baseline of the same processor model: how fast
+    each kernel runs against a plain step differs between processors (the fused LSTM kernel
+    made every other LSTM implementation 1.3-1.6x slower, in ratio, on an AMD EPYC than on the
+    Intel Xeon of the baseline, with the same code)."""
+    old, new = baseline.environment.get("cpu"), environment.get("cpu")
+    return old is not None and old == new
+
+
 def environment_notes(baseline: Baseline, environment: Mapping, settings: Mapping) -> list[str]:
     """Differences between the baseline's machine and settings and this run's, one per line."""
     notes = []
@@ -253,6 +264,11 @@ def environment_notes(baseline: Baseline, environment: Mapping, settings: Mappin
         notes.append(
             "note: the baseline's torch build is not this run's: counters are not gated "
             f"(regenerate the baseline with {UPDATE_COMMAND})"
+        )
+    if not times_comparable(baseline, environment):
+        notes.append(
+            "note: the baseline was measured on another processor: time ratios are not gated "
+            f"(record this processor's baseline with {UPDATE_COMMAND})"
         )
     old_env = baseline.environment
     for name, old, new in (
@@ -283,7 +299,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--baseline",
         type=Path,
         default=None,
-        help="baseline JSON (default results/baseline-<device>.json)",
+        help="baseline JSON (default results/baseline-<device>-<processor>.json: this "
+        "processor's, or another processor's for its counters only)",
     )
     parser.add_argument(
         "--threshold",
@@ -413,7 +430,9 @@ def validate(args: argparse.Namespace) -> None:
                 )
         if (slowdowns or extra_mib or args.inject_materialise) and args.update_baseline:
             raise ValueError("an injection with --update-baseline would write a worse baseline")
-        path = args.baseline or default_baseline(args.device)
+        path = args.baseline or (
+            default_baseline(args.device) if args.update_baseline else baseline_for(args.device)
+        )
         if args.update_baseline:
             cli.check_output_file(path, "--baseline")
         if args.save:
@@ -494,7 +513,7 @@ def run(args: argparse.Namespace) -> int:
                 time=args.threshold,
                 counters=args.counter_threshold,
                 alpha=args.alpha,
-                gate_time=not args.no_time,
+                gate_time=not args.no_time and times_comparable(baseline, info),
                 gate_counters=counters_comparable(baseline, info),
             )
             decisions = decide(baseline.cells, results, thresholds)

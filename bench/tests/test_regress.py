@@ -6,6 +6,7 @@ model, and one short end-to-end run on the fake case of known cost."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -474,3 +475,34 @@ def test_end_to_end_on_the_fake_case():
     verdicts = {(d.key[1], d.metric): d.verdict for d in decide(reference, run, LOOSE)}
     assert verdicts[("fake", "time")] == REGRESSION
     assert verdicts[("refuses", "status")] == NOT_GATED
+
+
+def test_one_baseline_per_processor(tmp_path, monkeypatch):
+    from bench.baseline import baseline_for, default_baseline, processor_slug
+
+    assert processor_slug("Intel(R) Xeon(R) Processor") == "intel-r-xeon-r-processor"
+    assert processor_slug("AMD EPYC") == "amd-epyc"
+    monkeypatch.chdir(tmp_path)
+    own = default_baseline("cpu", "AMD EPYC")
+    assert own == Path("results/baseline-cpu-amd-epyc.json")
+    assert baseline_for("cpu", "AMD EPYC") == own  # none at all: where one would be written
+    other = Path("results/baseline-cpu-intel-r-xeon-r-processor.json")
+    other.parent.mkdir()
+    other.write_text("{}")
+    assert baseline_for("cpu", "AMD EPYC") == other  # another processor's, for its counters
+    own.write_text("{}")
+    assert baseline_for("cpu", "AMD EPYC") == own
+
+
+def test_times_are_not_gated_against_another_processor():
+    from bench.regress import counters_comparable, environment_notes, times_comparable
+
+    reference = Baseline([cell()], {"cpu": "Intel(R) Xeon(R) Processor", "torch_build": "x"}, {})
+    here = {"cpu": "AMD EPYC", "torch_build": "x"}
+    assert not times_comparable(reference, here)
+    assert counters_comparable(reference, here)
+    notes = environment_notes(reference, here, {})
+    assert any("another processor: time ratios are not gated" in n for n in notes)
+    same = {"cpu": "Intel(R) Xeon(R) Processor", "torch_build": "x"}
+    assert times_comparable(reference, same)
+    assert not any("not gated" in n for n in environment_notes(reference, same, {}))

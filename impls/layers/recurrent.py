@@ -115,11 +115,15 @@ def _through_time(acts, cells, tanh_c, w_hh, grad_h, grad_c):
     gradients of the hidden states [n, T, H] and of c_T (either None: zero)."""
     steps, _, n, hidden = acts.shape
     i, f, g, o = acts.unbind(1)
-    # what does not depend on the recurrence, for every step at once
-    through_h = o * (1 - tanh_c * tanh_c)  # dc_t += dh_t * through_h_t
-    to_o = o * (1 - o) * tanh_c  # dgate_o = dh_t * to_o_t
-    to_ifg = torch.stack((g * i * (1 - i), cells[:-1] * f * (1 - f), i * (1 - g * g)), 2)
-    grad_gates = acts.new_empty(steps, n, 4, hidden)  # dgate_{i,f,g} = dc_t * to_ifg_t
+    # what does not depend on the recurrence, for every step at once (x - x*y as one addcmul,
+    # written where it is read: ten passes over [T, n, H] instead of nineteen)
+    through_h = torch.addcmul(o, o, tanh_c * tanh_c, value=-1)  # dc_t += dh_t * through_h_t
+    to_o = torch.addcmul(o, o, o, value=-1).mul_(tanh_c)  # dgate_o = dh_t * to_o_t
+    to_ifg = acts.new_empty(steps, n, 3, hidden)  # dgate_{i,f,g} = dc_t * to_ifg_t
+    torch.addcmul(i, i, i, value=-1, out=to_ifg[:, :, 0]).mul_(g)  # i(1 - i) g
+    torch.addcmul(f, f, f, value=-1, out=to_ifg[:, :, 1]).mul_(cells[:-1])  # f(1 - f) c_{t-1}
+    torch.addcmul(i, i, g * g, value=-1, out=to_ifg[:, :, 2])  # i(1 - g²)
+    grad_gates = acts.new_empty(steps, n, 4, hidden)
     flat = grad_gates.view(steps, n, 4 * hidden)
     if grad_h is None:
         grad_h = acts.new_zeros(steps, n, hidden)

@@ -144,8 +144,8 @@ def name_of(func: Any) -> str:
     return getattr(func, "__name__", type(func).__name__)
 
 
-#: handler_for's answers by function (the tables do not change after import); bound
-#: method-wrappers (properties) are new objects at every access and are not kept
+#: handler_for's answers by function (the tables do not change after import); a property's
+#: ``__get__`` is a new method-wrapper at every access, but equal to the last, so it is one key
 _FOUND: dict[Any, Handler | None] = {}
 
 
@@ -157,11 +157,10 @@ def handler_for(func: Any) -> Handler | None:
     handler = _HANDLERS.get(func)
     if handler is None:
         handler = _BY_NAME.get(name_of(func))
-    if type(func).__name__ != "method-wrapper":
-        try:
-            _FOUND[func] = handler
-        except TypeError:  # unhashable: asked again next time
-            pass
+    try:
+        _FOUND[func] = handler
+    except TypeError:  # unhashable: asked again next time
+        pass
     return handler
 
 

@@ -58,8 +58,8 @@ def _cell_updates(gates, c0):
     (states [T, n, H], acts [T, 4, n, H] (sigmoid i, f, o; tanh g), cells [T + 1, n, H] (c_0
     first), tanh_c [T, n, H]), time-major. Only the cell state's scan runs step by step.
 
-    ``acts`` keeps each gate's [n, H] block of a step contiguous: tanh costs about ten times a
-    sigmoid on the CPU, and three times that again on a strided view.
+    ``acts`` keeps each gate's [n, H] block of a step contiguous: on the CPUs measured, tanh
+    costs about ten times a sigmoid, and three times that again on a strided view.
     """
     n, steps, four_h = gates.shape
     hidden = four_h // 4

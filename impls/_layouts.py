@@ -149,19 +149,19 @@ def name_of(func: Any) -> str:
 _FOUND: dict[Any, Handler | None] = {}
 
 
+def _memo(table: dict, func: Any, compute: Callable[[], Any]) -> Any:
+    """``table[func]``, computed once (an unhashable ``func`` is computed every time)."""
+    try:
+        return table[func]
+    except KeyError:
+        value = table[func] = compute()
+        return value
+    except TypeError:
+        return compute()
+
+
 def handler_for(func: Any) -> Handler | None:
-    try:
-        return _FOUND[func]
-    except (KeyError, TypeError):
-        pass
-    handler = _HANDLERS.get(func)
-    if handler is None:
-        handler = _BY_NAME.get(name_of(func))
-    try:
-        _FOUND[func] = handler
-    except TypeError:  # unhashable: asked again next time
-        pass
-    return handler
+    return _memo(_FOUND, func, lambda: _HANDLERS.get(func) or _BY_NAME.get(name_of(func)))
 
 
 def propagate(call: Call) -> list[Tag]:
@@ -1177,18 +1177,6 @@ def _ignore(call: Call):
     return None
 
 
-_register(
-    _ignore, "new_zeros", "new_ones", "new_empty", "new_full", "new_tensor", "size", "dim",
-    "shape", "numel", "nelement", "stride", "is_contiguous", "data_ptr", "element_size",
-    "__len__", "dtype", "device", "is_floating_point", "is_complex", "requires_grad",
-    "is_leaf", "grad_fn", "layout", "is_cuda", "ndim", "ndimension", "get_device",
-    "storage_offset", "untyped_storage", "_version", "names", "item", "tolist", "__bool__",
-    "__int__", "__float__", "__index__", "equal", "allclose", "is_nonzero", "__format__",
-    "__repr__", "__str__", "__hash__", "__reduce_ex__", "__deepcopy__", "is_sparse", "is_quantized",
-    "is_meta", "is_mkldnn", "is_nested", "is_inference", "grad", "data", "_base",
-)  # fmt: skip
-
-
 #: reads of shapes, types and flags whose result is never a tensor: nothing to follow or capture
 _READS = frozenset({
     "size", "dim", "shape", "numel", "nelement", "stride", "is_contiguous", "data_ptr",
@@ -1197,6 +1185,13 @@ _READS = frozenset({
     "get_device", "storage_offset", "_version", "names", "is_sparse", "is_quantized", "is_meta",
     "is_mkldnn", "is_nested", "is_inference",
 })  # fmt: skip
+# ... and the calls that give values, constants, or a tensor handed back as it is
+_register(
+    _ignore, *_READS, "new_zeros", "new_ones", "new_empty", "new_full", "new_tensor",
+    "untyped_storage", "item", "tolist", "__bool__", "__int__", "__float__", "__index__",
+    "equal", "allclose", "is_nonzero", "__format__", "__repr__", "__str__", "__hash__",
+    "__reduce_ex__", "__deepcopy__", "grad", "data", "_base",
+)  # fmt: skip
 _IS_READ: dict[Any, bool] = {}
 
 
@@ -1204,13 +1199,7 @@ def reads_metadata_only(func: Any) -> bool:
     """Whether ``func`` only reads a shape, a type or a flag (the result is never a tensor): the
     watch lets such calls through untouched (a model reads ``x.shape`` more often than it
     computes)."""
-    try:
-        return _IS_READ[func]
-    except KeyError:
-        found = _IS_READ[func] = name_of(func) in _READS
-        return found
-    except TypeError:  # unhashable
-        return name_of(func) in _READS
+    return _memo(_IS_READ, func, lambda: name_of(func) in _READS)
 
 
 def is_metadata(func: Any) -> bool:

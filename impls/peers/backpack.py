@@ -191,7 +191,7 @@ class BackPACKRun(LibraryRun):
                 getattr(p, field, None),
                 (b,) if field == "batch_l2" else (b, *p.shape),
                 p,
-            )  # fmt: skip
+            )
             for n, p in self.side.params.items()
         }
 

@@ -5,7 +5,7 @@ and where trainable parameters are used.
 same model are not seen). It tags the batch's tensors with their :class:`~impls._layouts.Layout`
 and follows them through every torch call (``impls._layouts.propagate``; reads of a shape, a type
 or a flag pass straight through: their results are never tensors), keeps the stack of
-module calls running (forward pre/post hooks on every module of the model), and offers each torch
+module calls running (every module's forward wrapped, ``_wrap_modules``), and offers each torch
 call to an ``interceptor`` first: the capture of ``ghost``/``hooks``/``function``, which records
 parameter uses, and the peers' watch, which refuses uses their libraries cannot see.
 
@@ -16,6 +16,7 @@ parameter or a torch call is named the same way everywhere.
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 import weakref
 from collections.abc import Callable, Iterable
@@ -27,6 +28,8 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from impls._layouts import Call, Layout, Lost, Tag, name_of, propagate, reads_metadata_only
+
+_NO_FORWARD = object()  # a module without a forward of its own instance
 
 #: ``interceptor(func, args, kwargs)``: the result of the call, or NotImplemented to run it as is
 Interceptor = Callable[[Any, tuple, dict], Any]
@@ -86,7 +89,7 @@ class BatchWatch(TorchFunctionMode):
         self.calls: list[Frame] = []  # finished module calls, when ``record_calls``
         self.record_calls = record_calls
         self._model = model
-        self._handles: list[Any] = []
+        self._wrapped: list[tuple[nn.Module, Any]] = []  # (module, its own forward)
         self._owner = threading.get_ident()
         self._names: dict[int, str] = {}
         for x in inputs:
@@ -124,9 +127,9 @@ class BatchWatch(TorchFunctionMode):
     def __enter__(self):
         if self._model is not None:
             try:
-                self._hook_modules(self._model)
+                self._wrap_modules(self._model)
             except BaseException:
-                self._remove_hooks()
+                self._unwrap_modules()
                 raise
         return super().__enter__()
 
@@ -134,39 +137,57 @@ class BatchWatch(TorchFunctionMode):
         try:
             return super().__exit__(*exc)
         finally:
-            self._remove_hooks()
+            self._unwrap_modules()
 
-    def _remove_hooks(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+    def _unwrap_modules(self) -> None:
+        for module, own in reversed(self._wrapped):
+            if own is _NO_FORWARD:
+                module.__dict__.pop("forward", None)
+            else:
+                module.__dict__["forward"] = own
+        self._wrapped.clear()
 
-    def _hook_modules(self, model: nn.Module) -> None:
-        owner = self._owner
-        frames, calls = self.frames, self.calls
-        record = self.record_calls
+    def _wrap_modules(self, model: nn.Module) -> None:
+        """Wrap the ``forward`` of every module of the model (an attribute of the instance,
+        removed on exit) so that a :class:`Frame` is open exactly while it runs: its arguments
+        are those the forward received (after the module's forward pre-hooks) and its outputs
+        those it returned (before the module's forward hooks). The caller's module hooks thus
+        run in the calling module's frame, and a call redone per example (the vmap fallback)
+        is a call of the forward alone.
+
+        A wrapper, not a pair of forward hooks per module: registering and removing the hooks
+        cost more than the rest of the watch on a small model's forward, and a module without
+        hooks keeps PyTorch's fast call path.
+        """
         for name, module in model.named_modules():
             self._names[id(module)] = name
+            if isinstance(module, torch.jit.ScriptModule):
+                continue  # its calls bypass torch functions: nothing inside is seen anyway
+            own = module.__dict__.get("forward", _NO_FORWARD)  # e.g. one a library set
+            module.__dict__["forward"] = self._watched(name, module, module.forward)
+            self._wrapped.append((module, own))
 
-            def before(module, args, kwargs, name=name):
-                if threading.get_ident() != owner:
-                    return
-                frames.append(Frame(name, module, args, kwargs))
+    def _watched(self, name: str, module: nn.Module, forward: Callable) -> Callable:
+        owner, frames, calls, record = self._owner, self.frames, self.calls, self.record_calls
 
-            def after(module, args, kwargs, outputs):
-                if threading.get_ident() != owner or not frames:
-                    return
-                frame = frames.pop()
-                frame.outputs, frame.returned = outputs, True
-                if frame.notes:  # a call someone will redo: where its outputs are in the graph
-                    frame.edges = _edges(outputs)
-                if record or frame.notes:
-                    calls.append(frame)
+        @functools.wraps(forward)
+        def watched(*args, **kwargs):
+            if threading.get_ident() != owner:
+                return forward(*args, **kwargs)
+            frame = Frame(name, module, args, kwargs)
+            frames.append(frame)
+            try:
+                outputs = forward(*args, **kwargs)
+            finally:
+                frames.pop()
+            frame.outputs, frame.returned = outputs, True
+            if frame.notes:  # a call someone will redo: where its outputs are in the graph
+                frame.edges = _edges(outputs)
+            if record or frame.notes:
+                calls.append(frame)
+            return outputs
 
-            self._handles.append(module.register_forward_pre_hook(before, with_kwargs=True))
-            self._handles.append(
-                module.register_forward_hook(after, with_kwargs=True, always_call=True)
-            )
+        return watched
 
     @contextlib.contextmanager
     def following(self):

@@ -57,6 +57,19 @@ class ModuleCall:
         ]
 
 
+class _ForwardOnly(nn.Module):
+    """A module's ``forward`` alone, the call the watch recorded (``impls._watch``): its own
+    forward hooks and pre-hooks ran outside that record, in the calling module's, and redoing
+    the call must not apply them again."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args, **kwargs):
+        return self.module.forward(*args, **kwargs)
+
+
 def _exposed(x: Tensor, layout: Layout, batch_size: int) -> tuple[Tensor, int]:
     """(x with the examples as a dimension of their own, that dimension)."""
     if layout.plain:
@@ -102,7 +115,7 @@ def grad_samples(call: ModuleCall) -> dict[str, Tensor]:
             grads.append(g)
             grad_dims.append(d)
     params = {name: (p if create_graph else p.detach()) for name, p in call.wanted.items()}
-    module = call.module
+    forward_only = _ForwardOnly(call.module)
 
     def contribution(params, batched_leaves, grads):
         full = list(constants)
@@ -111,7 +124,8 @@ def grad_samples(call: ModuleCall) -> dict[str, Tensor]:
                 full[k] = _one(leaf, layout)
         args, kwargs = tree_unflatten(full, spec)
         with call.forward_precision():
-            outputs = functional_call(module, params, args, kwargs, strict=False)
+            outputs = functional_call(forward_only, {f"module.{n}": p for n, p in params.items()},
+                                      args, kwargs, strict=False)  # fmt: skip
         out_leaves, _ = tree_flatten(outputs)
         total = 0
         for k, g, layout in zip(keep, grads, out_layouts, strict=True):

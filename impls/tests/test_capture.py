@@ -152,3 +152,64 @@ def test_ghost_streamed_equals_ghost_after_the_backward(case, monkeypatch):
         assert streamed == after
         return
     torch.testing.assert_close(streamed, after)
+
+
+class HookedPReLU(nn.Module):
+    """A Linear, a PReLU (no layer rule knows it: the vmap fallback redoes its call) and a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Linear(6, 4)
+        self.act = nn.PReLU(4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(self.act(self.body(x)))
+
+
+@pytest.mark.parametrize("name", ["ghost", "hooks"])
+def test_the_callers_own_module_hooks_run_outside_the_redone_call(name):
+    """The caller's forward pre-hook rescales the input of a module the vmap fallback redoes,
+    and its forward hook rescales the output by a function of the module's own parameter: the
+    watch's record of the call (the arguments the fallback redoes it on, the outputs it is
+    differentiated at) opens after the caller's pre-hooks and closes after its forward hooks,
+    so redoing the call applies neither twice."""
+    torch.manual_seed(0)
+    model = HookedPReLU().to(DOUBLE)
+    model.act.register_forward_pre_hook(lambda module, args: (args[0] * 2,))
+    model.act.register_forward_hook(lambda module, args, out: out * torch.tanh(module.weight))
+    batch = (torch.randn(5, 6, dtype=DOUBLE), torch.randint(0, 3, (5,)))
+    naive = impls.get("naive")
+    got = impls.get(name).norms(model, _ce, batch, per_param=True)
+    want = naive.norms(model, _ce, batch, per_param=True)
+    assert got.keys() == want.keys()
+    for key in want:
+        torch.testing.assert_close(got[key], want[key])
+    torch.testing.assert_close(
+        impls.get(name).inner(model, _ce, batch), naive.inner(model, _ce, batch)
+    )
+
+
+def test_the_watch_wraps_each_forward_only_while_it_is_active():
+    """Inside, every module's forward is a wrapper with the forward's signature; on exit (also
+    through an error) the modules are as before, a forward a library set on an instance too."""
+    import inspect
+
+    from impls._watch import BatchWatch
+
+    model = HookedPReLU()
+    own = model.head.forward  # a forward set on the instance, as some libraries do
+    model.head.forward = lambda x: own(x) * 2
+    instance_forward = model.head.forward
+    signature = inspect.signature(model.body.forward)
+    x = torch.randn(2, 6)
+    with BatchWatch(2, [x], model=model) as watch:
+        assert inspect.signature(model.body.forward) == signature
+        seen = []
+        model.body.register_forward_hook(lambda *_: seen.append([f.name for f in watch.frames]))
+        model(x)
+    assert seen == [[""]]  # the caller's hook ran in the calling module's frame
+    assert "forward" not in model.body.__dict__ and model.head.forward is instance_forward
+    with pytest.raises(RuntimeError), BatchWatch(2, [x], model=model):
+        model(torch.randn(2, 5))  # a shape error inside the forward
+    assert "forward" not in model.body.__dict__ and model.head.forward is instance_forward

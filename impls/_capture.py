@@ -270,6 +270,7 @@ class Capture:
                 reason = tag.reason if isinstance(tag, Lost) else "its output carries no batch"
                 raise Unsupported(f"{where}: {reason}")
             use.output_layout = tag
+            self.watch.followed(result, tag)
         self.uses.append(use)
         return result
 

@@ -12,6 +12,7 @@ define per-example gradients of the parameters the caller holds.
 from __future__ import annotations
 
 import contextlib
+import operator
 
 import torch
 from torch import nn
@@ -34,26 +35,25 @@ _MODULE_DICTS = (
     "_load_state_dict_post_hooks",
 )
 
-#: what a key that is not there maps to, in the comparisons below (None may be a value)
-_GONE = object()
+_hook_dicts = operator.itemgetter(*_MODULE_DICTS)
 
 
 @contextlib.contextmanager
 def preserved_model(model: nn.Module):
     # Costs a few Python steps per module and parameter (it runs on every call, and a small
-    # model's whole step takes a few hundred microseconds): a module's hook dicts that are empty
-    # are not copied, only emptied again if something filled them; unchanged fields are not
-    # written back; parameter names are looked up only when a parameter changed.
+    # model's whole step takes a few hundred microseconds): each module's dict and its hook
+    # dicts are written back whole on exit (C-level clear and update, cheaper than comparing
+    # them), a hook dict only if one is non-empty; parameter names are looked up only when a
+    # parameter changed.
     modules = list(model.modules())
     saved_modules = []
     for m in modules:
         attrs = m.__dict__
-        dicts = []
-        for key in _MODULE_DICTS:
-            d = attrs.get(key)
-            if d is not None:
-                dicts.append((d, dict(d) if d else None))
-        saved_modules.append((m, attrs.copy(), dicts))
+        try:
+            dicts = _hook_dicts(attrs)
+        except KeyError:  # a module that skipped Module.__init__ for some of them
+            dicts = tuple(attrs.get(key) for key in _MODULE_DICTS)
+        saved_modules.append((attrs, attrs.copy(), dicts, [(d, dict(d)) for d in dicts if d]))
     params = {id(p): p for m in modules for p in m._parameters.values() if p is not None}
     saved_params = [
         (p, p.requires_grad, p.grad, p.__dict__.copy() if p.__dict__ else None, _hooks_of(p))
@@ -67,24 +67,21 @@ def preserved_model(model: nn.Module):
     try:
         yield
     finally:
-        with torch.no_grad():
-            for p, version in versions:
-                if p._version != version:
-                    restored = id(p) in copies
-                    if restored:
+        for p, version in versions:
+            if p._version != version:
+                restored = id(p) in copies
+                if restored:
+                    with torch.no_grad():
                         p.copy_(copies[id(p)])
-                    changed.append((p, restored))
-        for m, attrs, dicts in saved_modules:
-            current = m.__dict__
-            if _differs(current, attrs):
-                current.clear()
-                current.update(attrs)
-            for d, content in dicts:
-                if content is None:
+                changed.append((p, restored))
+        for current, attrs, dicts, filled in saved_modules:
+            current.clear()
+            current.update(attrs)
+            if filled or any(dicts):
+                for d in dicts:
                     if d:
                         d.clear()
-                elif _differs(d, content):
-                    d.clear()
+                for d, content in filled:
                     d.update(content)
         for p, requires_grad, grad, attrs, hooks in saved_params:
             if attrs is not None or p.__dict__:
@@ -97,9 +94,9 @@ def preserved_model(model: nn.Module):
             if p._backward_hooks is not None:  # tensor hooks someone added: gone again
                 p._backward_hooks.clear()
                 p._backward_hooks.update(hooks or {})
-        with torch.no_grad():
-            for b, version, value in saved_buffers:
-                if b._version != version:
+        for b, version, value in saved_buffers:
+            if b._version != version:
+                with torch.no_grad():
                     b.copy_(value)
     if changed:
         from impls.base import Unsupported
@@ -112,12 +109,6 @@ def preserved_model(model: nn.Module):
             "per-example gradients of a model that rewrites its parameters (nn.Embedding with "
             "max_norm?) are not defined by one forward"
         )
-
-
-def _differs(current: dict, saved: dict) -> bool:
-    """Whether ``current`` holds other keys or other objects than ``saved`` (by identity)."""
-    return len(current) != len(saved) or any(current.get(k, _GONE) is not v
-                                             for k, v in saved.items())  # fmt: skip
 
 
 def _written_in_forward(modules) -> list[torch.nn.Parameter]:

@@ -92,6 +92,7 @@ class BatchWatch(TorchFunctionMode):
         self._wrapped: list[tuple[nn.Module, Any]] = []  # (module, its own forward)
         self._owner = threading.get_ident()
         self._names: dict[int, str] = {}
+        self._followed: Tensor | None = None  # see ``followed``
         for x in inputs:
             self.set_tag(x, Layout(0))
 
@@ -213,10 +214,19 @@ class BatchWatch(TorchFunctionMode):
         result = NotImplemented
         if self.interceptor is not None:
             result = self.interceptor(func, args, kwargs)
+            if result is not NotImplemented and result is self._followed:
+                self._followed = None  # the interceptor tagged it (``followed``)
+                return result
         if result is NotImplemented:
             result = func(*args, **kwargs)
         self.follow(func, args, kwargs, result)
         return result
+
+    def followed(self, result: Tensor, tag: Tag) -> None:
+        """For an interceptor that propagated the tag of the result of the call it handles
+        (``propagate``, not in place): set it, and the call is not followed again."""
+        self.set_tag(result, tag)
+        self._followed = result
 
     def follow(self, func, args: tuple, kwargs: dict, result: Any) -> None:
         """Tag the result of a call (and the target of an in-place call) from its arguments."""

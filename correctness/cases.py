@@ -223,6 +223,13 @@ CASES: list[Case] = [
         tags=("linear", "tied"),
     ),
     Case(
+        "caller_hooks",
+        models.HookedPReLU,
+        partial(features_and_classes, shape=(6,), classes=3),
+        CE,
+        tags=("fallback",),
+    ),
+    Case(
         "linear_subclass",
         models.LowRankMLP,
         partial(features_and_classes, shape=(6,), classes=3),

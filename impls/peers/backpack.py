@@ -45,7 +45,13 @@ from torch.utils._pytree import tree_flatten
 
 from impls.base import MaterialisingImplementation, Side, Unsupported
 from impls.peers.run import LibraryRun, read_result
-from impls.peers.support import ForwardWatch, disable_inplace, label, refuse_tied_parameters
+from impls.peers.support import (
+    ForwardWatch,
+    disable_inplace,
+    label,
+    refuse_callers_hooks,
+    refuse_tied_parameters,
+)
 
 
 def _extension_table() -> dict[type, Any]:
@@ -65,6 +71,7 @@ def _extended_modules(side: Side) -> list[tuple[str, nn.Module]]:
     refuse_tied_parameters(
         side.model, side.params, "BackPACK keeps one result per parameter, from one module"
     )
+    refuse_callers_hooks(side.model, "BackPACK")
     names = {id(p): n for n, p in side.params.items()}
     modules = []
     for name, module in side.model.named_modules():

@@ -24,7 +24,13 @@ from typing import Any
 from torch import Tensor, nn
 
 from impls.base import Side, Unsupported
-from impls.peers.support import disable_inplace, label, library_errors, refuse_tied_parameters
+from impls.peers.support import (
+    disable_inplace,
+    label,
+    library_errors,
+    refuse_callers_hooks,
+    refuse_tied_parameters,
+)
 
 
 def _import_quietly(module: str) -> Any:
@@ -146,6 +152,7 @@ class Plan:
 
 def make_plan(side: Side, ghost: bool) -> Plan:
     model = side.model
+    refuse_callers_hooks(model, "Opacus")
     if ghost:
         refuse_tied_parameters(
             model, side.params, "Opacus ghost clipping supports no parameter tying"

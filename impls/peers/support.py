@@ -113,6 +113,26 @@ def refuse_tied_parameters(model: nn.Module, params: dict[str, nn.Parameter], wh
             raise Unsupported(f"parameter '{name}' is tied ({places} share it): {why}")
 
 
+def refuse_callers_hooks(model: nn.Module, library: str) -> None:
+    """Raise Unsupported if a module with trainable parameters of its own carries the caller's
+    forward hooks or pre-hooks.
+
+    The libraries read a layer's activations and output gradients around hooks of their own,
+    registered after the caller's, and some redo the module's call per example: a caller's hook
+    that changes the layer's input or output (or uses its parameters) puts their per-example
+    gradients off without an error (measured: Opacus on ``correctness`` case ``caller_hooks``).
+    """
+    for name, module in model.named_modules():
+        if not (module._forward_hooks or module._forward_pre_hooks):
+            continue
+        if any(p.requires_grad for p in module.parameters(recurse=False)):
+            kind = "forward hooks" if module._forward_hooks else "forward pre-hooks"
+            raise Unsupported(
+                f"{label(name, module)} has the caller's own {kind}: {library} reads the layer "
+                "around hooks of its own and cannot see what they change"
+            )
+
+
 def disable_inplace(model: nn.Module) -> None:
     """Switch off ``inplace`` on activation modules (nn.ReLU(inplace=True), ...).
 

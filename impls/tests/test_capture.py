@@ -11,6 +11,7 @@ from torch import nn
 
 import impls
 from correctness.cases import CASES
+from correctness.models import HookedPReLU
 from impls import Unsupported, _capture
 from impls._capture import captured_forward
 from impls.base import Implementation
@@ -154,19 +155,6 @@ def test_ghost_streamed_equals_ghost_after_the_backward(case, monkeypatch):
     torch.testing.assert_close(streamed, after)
 
 
-class HookedPReLU(nn.Module):
-    """A Linear, a PReLU (no layer rule knows it: the vmap fallback redoes its call) and a head."""
-
-    def __init__(self):
-        super().__init__()
-        self.body = nn.Linear(6, 4)
-        self.act = nn.PReLU(4)
-        self.head = nn.Linear(4, 3)
-
-    def forward(self, x):
-        return self.head(self.act(self.body(x)))
-
-
 @pytest.mark.parametrize("name", ["ghost", "hooks"])
 def test_the_callers_own_module_hooks_run_outside_the_redone_call(name):
     """The caller's forward pre-hook rescales the input of a module the vmap fallback redoes,
@@ -175,9 +163,7 @@ def test_the_callers_own_module_hooks_run_outside_the_redone_call(name):
     differentiated at) opens after the caller's pre-hooks and closes after its forward hooks,
     so redoing the call applies neither twice."""
     torch.manual_seed(0)
-    model = HookedPReLU().to(DOUBLE)
-    model.act.register_forward_pre_hook(lambda module, args: (args[0] * 2,))
-    model.act.register_forward_hook(lambda module, args, out: out * torch.tanh(module.weight))
+    model = HookedPReLU().to(DOUBLE)  # the hooks are registered by the model (a zoo case)
     batch = (torch.randn(5, 6, dtype=DOUBLE), torch.randint(0, 3, (5,)))
     naive = impls.get("naive")
     got = impls.get(name).norms(model, _ce, batch, per_param=True)

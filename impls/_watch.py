@@ -214,7 +214,7 @@ class BatchWatch(TorchFunctionMode):
         result = NotImplemented
         if self.interceptor is not None:
             result = self.interceptor(func, args, kwargs)
-            if result is not NotImplemented and result is self._followed:
+            if self._followed is not None and result is self._followed:
                 self._followed = None  # the interceptor tagged it (``followed``)
                 return result
         if result is NotImplemented:

@@ -199,3 +199,15 @@ def test_the_watch_wraps_each_forward_only_while_it_is_active():
     with pytest.raises(RuntimeError), BatchWatch(2, [x], model=model):
         model(torch.randn(2, 5))  # a shape error inside the forward
     assert "forward" not in model.body.__dict__ and model.head.forward is instance_forward
+
+
+def test_a_call_an_interceptor_handles_is_followed_unless_it_tagged_the_result():
+    """``__setitem__`` returns None: handled by an interceptor, the call is still followed and
+    its target tagged (only a result the interceptor tagged through ``followed`` is skipped)."""
+    from impls._watch import BatchWatch
+
+    x = torch.randn(3, 4)
+    with BatchWatch(3, [x], interceptor=lambda func, args, kwargs: func(*args, **kwargs)) as w:
+        y = torch.zeros(3, 4)
+        y[:] = x
+        assert w.tag_of(y) is not None  # followed: what was written carries the batch

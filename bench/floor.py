@@ -11,7 +11,9 @@ For a model, a batch and a quantity (norms or a Gram matrix) the floor is the su
 - the **reductions**: for each parameter group (a layer's weight and bias, a tied parameter's
   uses), the time of its reduction alone on factors captured beforehand, in the fastest exact
   form available for it: each group is reduced in every form the factors offer (factored,
-  materialised in tiles, token-match for embeddings), and the fastest is kept.
+  materialised in tiles, token-match for embeddings), and the fastest is kept. Activations a
+  layer builds on first use (a convolution's patches, ``impls.factors.Unbuilt``) count as
+  captured: the untimed first call of a form that needs them builds them, and they are kept.
 
 :func:`floor_step` is one zero-argument callable doing both, which the sweep times interleaved
 with the plain step like any implementation (``implementation == "floor"``); its forms are

@@ -3,7 +3,8 @@
 A layer rule describes example n's gradient of one parameter, from one use, as one of
 
 - :class:`Dense` (``base``): the gradients themselves [n, *shape];
-- :class:`Outer` (``outer``): Σ_t g_nt a_ntᵀ per group, output gradients and activations; and
+- :class:`Outer` (``outer``): Σ_t g_nt a_ntᵀ per group, output gradients and activations (or,
+  :class:`Unbuilt`, what builds the activations on first use: a convolution's patches); and
   :class:`GradientSums`, Σ_t g_nt, the bias beside it;
 - :class:`Indexed` (``indexed``): Σ_p e_{row_p} values_pᵀ, an Embedding's rows;
 - :class:`Sum` (``base``): several of the above (a parameter used at places whose forms differ).
@@ -17,7 +18,14 @@ from impls.factors.base import Dense, Factors, Sum
 from impls.factors.combine import combine
 from impls.factors.costs import COSTS, Costs, gram, squared_row_norms
 from impls.factors.indexed import Indexed
-from impls.factors.outer import GradientSums, Outer, is_layer_pair, layer_inner, layer_squared_norms
+from impls.factors.outer import (
+    GradientSums,
+    Outer,
+    Unbuilt,
+    is_layer_pair,
+    layer_inner,
+    layer_squared_norms,
+)
 from impls.factors.pairs import diagonal, inner
 
 __all__ = [
@@ -29,6 +37,7 @@ __all__ = [
     "Indexed",
     "Outer",
     "Sum",
+    "Unbuilt",
     "combine",
     "diagonal",
     "gram",

@@ -7,12 +7,17 @@ choose between the factored form Σ_{t,s} (a_nt·a'_ms)(g_nt·g'_ms) and materia
 The bias's gradient Σ_t g_nt (:class:`GradientSums`) is reduced together with its weight when
 both come from one use (:func:`layer_squared_norms`, :func:`layer_inner`), which reuses the
 products g_nt·g'_ms the weight's factored form forms.
+
+Activations that would cost more to build than the inputs they come from (a convolution's
+patches, :class:`Unbuilt`) are built on first use; an example's products a_nt·a_ns, all the
+factored norm needs, may be cheaper to form from those inputs without building them.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +28,51 @@ from impls.factors.base import Dense, Factors
 from impls.factors.costs import COSTS, cat, chunks, gram, part, squared_row_norms
 
 
+class Unbuilt:
+    """Activations [n, G, t, i] of an :class:`Outer` built on first use from smaller inputs (a
+    convolution's patches from its input), kept once built.
+
+    ``products(a, b)`` is every example's a_t·a_s [b - a, G, t, t] for examples a..b, formed the
+    cheaper way (:meth:`products_cost`): from the inputs, or from the built activations.
+    """
+
+    shape: torch.Size
+
+    def build(self) -> Tensor:
+        raise NotImplementedError
+
+    @property
+    def built(self) -> Tensor | None:
+        """The activations if they were built (the same object every time after)."""
+        raise NotImplementedError
+
+    def inputs(self) -> list[Tensor]:
+        """The floating tensors the activations are built from (what :meth:`to` converts)."""
+        raise NotImplementedError
+
+    def to(self, dtype: torch.dtype) -> Unbuilt:
+        raise NotImplementedError
+
+    def products(self, a: int, b: int) -> Tensor:
+        raise NotImplementedError
+
+    def products_cost(self) -> float:
+        """The cost of :meth:`products` for the whole batch, in the cost model's units."""
+        raise NotImplementedError
+
+    def products_elements(self) -> int:
+        """The largest intermediate of :meth:`products`, per example (elements)."""
+        raise NotImplementedError
+
+    def build_cost(self) -> float:
+        """What building the activations costs (zero once built)."""
+        return 0.0 if self.built is not None else math.prod(self.shape) * COSTS.elementwise
+
+
+def evaluated(activations: Tensor | Unbuilt) -> Tensor:
+    return activations if isinstance(activations, Tensor) else activations.build()
+
+
 @dataclass(eq=False)
 class Outer(Factors):
     """Σ_t gradients_nt activations_ntᵀ per group, gradients [n, G, t, o], activations [n, G, t, i].
@@ -31,20 +81,25 @@ class Outer(Factors):
     convolution's layout), starting at parameter row ``row_start`` (a use that read a row slice);
     other rows are zero. ``transposed``: the parameter holds the transpose ([i, o], as
     ``torch.addmm(bias, x, weight)`` uses it); norms and inner products are the same either way.
+
+    ``source``: the activations, or what builds them on first use (:class:`Unbuilt`);
+    :attr:`activations` is always the tensor.
     """
 
     gradients: Tensor
-    activations: Tensor
+    source: Tensor | Unbuilt
     shape: torch.Size
     row_start: int = 0
     transposed: bool = False
 
     def __post_init__(self):
-        if self.gradients.shape[:3] != self.activations.shape[:3]:
-            raise ValueError(
-                f"factor shapes differ: {self.gradients.shape} vs {self.activations.shape}"
-            )
+        if self.gradients.shape[:3] != self.source.shape[:3]:
+            raise ValueError(f"factor shapes differ: {self.gradients.shape} vs {self.source.shape}")
         self.shape = torch.Size(self.shape)
+
+    @property
+    def activations(self) -> Tensor:
+        return evaluated(self.source)
 
     @property
     def batch_size(self) -> int:
@@ -61,7 +116,7 @@ class Outer(Factors):
     @property
     def features(self) -> tuple[int, int]:
         """(o, i): output and input features per group."""
-        return self.gradients.shape[3], self.activations.shape[3]
+        return self.gradients.shape[3], self.source.shape[3]
 
     @property
     def full(self) -> bool:
@@ -73,17 +128,19 @@ class Outer(Factors):
     def placed(self, shape, row_start):
         if self.transposed or self.groups != 1 or (row_start == 0 and shape == self.shape):
             return super().placed(shape, row_start)  # (the whole parameter: itself)
-        return Outer(self.gradients, self.activations, shape, self.row_start + row_start)
+        return Outer(self.gradients, self.source, shape, self.row_start + row_start)
 
     def squared_norms(self) -> Tensor:
         return outer_diagonal(self, self)
 
     def tensors(self) -> list[Tensor]:
-        return [self.gradients, self.activations]
+        if isinstance(self.source, Unbuilt):
+            return [self.gradients, *self.source.inputs()]
+        return [self.gradients, self.source]
 
     def _converted(self, dtype, converted):
-        return Outer(self.gradients.to(dtype), self.activations.to(dtype), self.shape,
-                     self.row_start, self.transposed)  # fmt: skip
+        return Outer(self.gradients.to(dtype), self.source.to(dtype), self.shape, self.row_start,
+                     self.transposed)  # fmt: skip
 
     def materialise(self) -> Tensor:
         """In the wider dtype of the two factors (under autocast a layer's input may be float32
@@ -142,18 +199,19 @@ class GradientSums(Factors):
 # -- reductions between two Outer factors ------------------------------------------------------
 
 
-def _row_overlap(left: Outer, right: Outer) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
-    """The two factors restricted to the parameter rows both cover, as (g, a) pairs."""
+def _row_overlap(left: Outer, right: Outer) -> tuple[Tensor, Any, Tensor, Any] | None:
+    """The two factors restricted to the parameter rows both cover, as (g, a) pairs; the
+    activations as the factors hold them (``source``: possibly :class:`Unbuilt`)."""
     if left.transposed != right.transposed:
         return None
     same_layout = left.row_start == right.row_start and left.groups == right.groups
     if same_layout and left.features[0] == right.features[0]:
-        return left.gradients, left.activations, right.gradients, right.activations
+        return left.gradients, left.source, right.gradients, right.source
     if left.transposed or left.groups != 1 or right.groups != 1:
         return None  # grouped or transposed factors of different layouts: materialise
     lo = max(left.row_start, right.row_start)
     hi = min(left.row_start + left.features[0], right.row_start + right.features[0])
-    g_l, a_l, g_r, a_r = left.gradients, left.activations, right.gradients, right.activations
+    g_l, a_l, g_r, a_r = left.gradients, left.source, right.gradients, right.source
     if hi <= lo:
         return g_l[..., :0], a_l, g_r[..., :0], a_r
     ls, rs = lo - left.row_start, lo - right.row_start
@@ -178,6 +236,7 @@ def outer_diagonal(left: Outer, right: Outer, keep: dict | None = None) -> Tenso
     same = left is right
     if t == 1 and s == 1:
         # Goodfellow: ⟨g aᵀ, g' a'ᵀ⟩ = (a·a')(g·g')
+        a_l, a_r = evaluated(a_l), evaluated(a_r)
         if same:
             grads = squared_row_norms(g_l, dim=-1)  # [n, G, 1]
             if keep is not None:
@@ -186,13 +245,26 @@ def outer_diagonal(left: Outer, right: Outer, keep: dict | None = None) -> Tenso
         else:
             products = (a_l * a_r).sum(-1) * (g_l * g_r).sum(-1)
         return products.flatten(1).sum(1)
-    factored = n * groups * t * s * ((i + o) * COSTS.bmm + COSTS.elementwise)
+    # what the activations still cost to build (an Unbuilt's), for each form that needs them
+    building = sum(a.build_cost() for a in {id(a): a for a in (a_l, a_r)}.values()
+                   if isinstance(a, Unbuilt))  # fmt: skip
+    acts_cost = n * groups * t * s * i * COSTS.bmm + building
+    from_inputs = same and isinstance(a_l, Unbuilt) and a_l.products_cost() < acts_cost
+    if from_inputs:
+        acts_cost = a_l.products_cost()
+    factored = acts_cost + n * groups * t * s * (o * COSTS.bmm + COSTS.elementwise)
     build = (t if same else t + s) * COSTS.materialise + COSTS.elementwise
-    materialised = n * groups * i * o * build
+    materialised = n * groups * i * o * build + building
     if COSTS.factored_is_cheaper(factored, materialised):
+        if not from_inputs:
+            a_l, a_r = evaluated(a_l), evaluated(a_r)
+        per_example = groups * max(t * s, a_l.products_elements() if from_inputs else 0)
         out, kept = [], []
-        for a, b in chunks(n, groups * t * s):
-            acts = part(a_l, a, b) @ part(a_r, a, b).transpose(2, 3)  # [n, G, t, s]
+        for a, b in chunks(n, per_example):
+            if from_inputs:
+                acts = a_l.products(a, b)  # [b - a, G, t, t]
+            else:
+                acts = part(a_l, a, b) @ part(a_r, a, b).transpose(2, 3)  # [n, G, t, s]
             grads = part(g_l, a, b) @ part(g_r, a, b).transpose(2, 3)
             out.append((acts * grads).flatten(1).sum(1))
             if keep is not None and same:
@@ -200,6 +272,7 @@ def outer_diagonal(left: Outer, right: Outer, keep: dict | None = None) -> Tenso
         if kept:
             keep["gradient_products"] = cat(kept)
         return cat(out)
+    a_l, a_r = evaluated(a_l), evaluated(a_r)
     if same:
         return sum(squared_row_norms(block) for block in materialised_blocks(g_l, a_l, n))
     blocks_l, blocks_r = materialised_blocks(g_l, a_l, 2 * n), materialised_blocks(g_r, a_r, 2 * n)
@@ -240,6 +313,7 @@ def outer_inner(left: Outer, right: Outer, same: bool, keep: dict | None = None)
     if overlap is None:
         return gram(left.materialise().flatten(1), None if same else right.materialise().flatten(1))
     g_l, a_l, g_r, a_r = overlap
+    a_l, a_r = evaluated(a_l), evaluated(a_r)
     n, groups, t, o = g_l.shape
     m, s = g_r.shape[0], g_r.shape[2]
     if o == 0:
@@ -282,7 +356,7 @@ def _tileable(f: Outer) -> bool:
 def inner_costs(left: Outer, right: Outer, same: bool) -> tuple[float, float]:
     """(factored, materialised) cost of ⟨left_n, right_m⟩ for all pairs."""
     n, groups, t, o = left.gradients.shape
-    m, s, i = right.gradients.shape[0], right.gradients.shape[2], left.activations.shape[3]
+    m, s, i = right.gradients.shape[0], right.gradients.shape[2], left.source.shape[3]
     factored = n * m * groups * t * s * ((i + o) * COSTS.gemm + COSTS.elementwise)
     build = (n * t if same else n * t + m * s) * COSTS.materialise
     products = n * m * COSTS.gemm

@@ -57,6 +57,13 @@ def _nbytes(t: Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+def _activation_bytes(f: Outer) -> int:
+    """Bytes of the activations as sent (built, when the factors hold what builds them)."""
+    if isinstance(f.source, Tensor):
+        return _nbytes(f.source)
+    return math.prod(f.source.shape) * f.source.inputs()[0].element_size()
+
+
 def _dense_bytes(f: Factors) -> int:
     return f.batch_size * math.prod(f.shape) * _element_size(f)
 
@@ -82,7 +89,7 @@ def _rows_dtype(f: Indexed) -> torch.dtype:
 def _factor_bytes(f: Factors) -> int | None:
     """Bytes of ``f`` sent as factors (None: it has no form smaller than a gradient)."""
     if isinstance(f, Outer):
-        return _nbytes(f.gradients) + _nbytes(f.activations)
+        return _nbytes(f.gradients) + _activation_bytes(f)
     if isinstance(f, Indexed):
         rows = f.rows.numel() * _itemsize(_rows_dtype(f))
         keep = f.keep.numel() if f.keep is not None else 0

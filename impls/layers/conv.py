@@ -6,17 +6,25 @@ the Linear's factored forms (T = output positions, i = C_in/G·∏k, o = C_out/G
 
 The examples must be rows of the convolution's own batch dimension (dimension 0), possibly several
 rows each (a folded batch).
+
+The patches (:class:`Patches`) are built only when a reduction needs them: they are ∏k times the
+input, and the factored norm needs only each example's products of patches p_t·p_s, which are
+sums of the products of the input's positions x_u·x_v (one matrix product over the channels)
+along the kernel's taps — fewer multiply-adds when the output is not much smaller than the
+input (stride 1), and no copy ∏k times the input.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from impls.base import Unsupported
-from impls.factors import Dense, GradientSums, Outer
+from impls.factors import COSTS, Dense, GradientSums, Outer, Unbuilt
 from impls.layers.base import Binding, OpRule, register_rule, require_first_dimension
 
 _CONVS = {
@@ -67,6 +75,135 @@ def unfold(x: Tensor, kernel, stride, padding, dilation) -> Tensor:
     return x.reshape(n, channels * math.prod(kernel), -1)
 
 
+def _output_sizes(spatial, kernel, stride, dilation) -> list[int]:
+    """The output's size along each dimension of a padded input of sizes ``spatial``."""
+    return [(size - d * (k - 1) - 1) // s + 1
+            for size, k, s, d in zip(spatial, kernel, stride, dilation, strict=True)]  # fmt: skip
+
+
+@dataclass(eq=False)
+class Patches(Unbuilt):
+    """A convolution's activations [n, G, r·t, i] (r rows per example, t output positions,
+    i = C/G·∏k), from its input [n, r, C, *spatial], built on first use."""
+
+    input: Tensor
+    kernel: tuple[int, ...]
+    stride: tuple[int, ...]
+    padding: tuple[int, ...] | str
+    dilation: tuple[int, ...]
+    groups: int
+    _built: Tensor | None = field(default=None, repr=False)
+
+    def __post_init__(self):
+        n, rows, channels = self.input.shape[:3]
+        padded = [size + sum(pad) for size, pad in zip(self.input.shape[3:], self._pads(),
+                                                       strict=True)]  # fmt: skip
+        self.padded_sizes = padded
+        self.out_sizes = _output_sizes(padded, self.kernel, self.stride, self.dilation)
+        t = math.prod(self.out_sizes)
+        i = channels // self.groups * math.prod(self.kernel)
+        self.shape = torch.Size((n, self.groups, rows * t, i))
+
+    def _pads(self) -> list[tuple[int, int]]:
+        """(before, after) zeros per spatial dimension, as the convolution pads."""
+        dims = len(self.kernel)
+        if self.padding == "valid":
+            return [(0, 0)] * dims
+        if self.padding == "same":
+            totals = [d * (k - 1) for d, k in zip(self.dilation, self.kernel, strict=True)]
+            return [(total // 2, total - total // 2) for total in totals]
+        return [(p, p) for p in self.padding]
+
+    @property
+    def built(self) -> Tensor | None:
+        return self._built
+
+    def inputs(self) -> list[Tensor]:
+        return [self.input]
+
+    def to(self, dtype) -> Patches:
+        if self.input.dtype == dtype:
+            return self
+        return Patches(self.input.to(dtype), self.kernel, self.stride, self.padding,
+                       self.dilation, self.groups,
+                       None if self._built is None else self._built.to(dtype))  # fmt: skip
+
+    def build(self) -> Tensor:
+        if self._built is None:
+            x = self.input
+            n, rows, groups = x.shape[0], x.shape[1], self.groups
+            patches = unfold(x.reshape(n * rows, *x.shape[2:]), self.kernel, self.stride,
+                             self.padding, self.dilation)  # fmt: skip
+            patches = patches.reshape(n, rows, groups, -1, patches.shape[-1])  # [n, r, G, i, t]
+            self._built = patches.permute(0, 2, 1, 4, 3).reshape(n, groups, -1, patches.shape[3])
+        return self._built
+
+    # -- each example's products of patches, from the input ----------------------------------
+
+    def products(self, a: int, b: int) -> Tensor:
+        """[b - a, G, r·t, r·t]: p_u·p_v for examples a..b, without the patches.
+
+        With the input zero-padded, x [m, G, r, c, *P]: M_uv = Σ_c x_u x_v over all pairs of
+        padded positions (one matrix product), then p_t·p_s = Σ_κ M[t·stride + κ·dilation,
+        s·stride + κ·dilation] over the kernel's taps κ, summed one spatial dimension at a time
+        (the taps of a product kernel are separable).
+        """
+        x = self.input[a:b] if (a, b) != (0, self.input.shape[0]) else self.input
+        m, rows, channels = x.shape[:3]
+        groups, dims = self.groups, len(self.kernel)
+        flat = x.reshape(m * rows, channels, *x.shape[3:])
+        padded = F.pad(flat, [p for pair in reversed(self._pads()) for p in pair])
+        sizes = self.padded_sizes
+        # [m, G, r·P, c]: every row's padded positions of one group
+        x = padded.reshape(m, rows, groups, channels // groups, -1).permute(0, 2, 1, 4, 3)
+        x = x.reshape(m, groups, -1, channels // groups)
+        products = (x @ x.transpose(2, 3)).view(m, groups, rows, *sizes, rows, *sizes)
+        # [m, G, r, r', P1, P1', P2, P2', ...]: the two positions of each dimension side by side
+        order = [0, 1, 2, 3 + dims]
+        for d in range(dims):
+            order += [3 + d, 4 + dims + d]
+        products = products.permute(order)
+        for d in range(dims):
+            products = _tap_sum(products, 4 + 2 * d, self.kernel[d], self.stride[d],
+                                self.dilation[d], self.out_sizes[d])  # fmt: skip
+        # back to [m, G, r, t1, t2, .., r', t1', t2', ..]
+        back = [0, 1, 2, *range(4, 4 + 2 * dims, 2), 3, *range(5, 5 + 2 * dims, 2)]
+        size = rows * math.prod(self.out_sizes)
+        return products.permute(back).reshape(m, groups, size, size)
+
+    def products_elements(self) -> int:
+        rows = self.input.shape[1]
+        return self.groups * (rows * math.prod(self.padded_sizes)) ** 2
+
+    def products_cost(self) -> float:
+        n, rows, channels = self.input.shape[:3]
+        positions = rows * math.prod(self.padded_sizes)
+        cost = n * self.groups * positions**2 * (channels // self.groups) * COSTS.bmm
+        sizes = [(p, p) for p in self.padded_sizes]
+        for d, k in enumerate(self.kernel):  # each dimension's tap sum, over what is left
+            sizes[d] = (self.out_sizes[d], self.out_sizes[d])
+            cost += n * self.groups * rows**2 * k * math.prod(a * b for a, b in sizes) * (
+                COSTS.elementwise)  # fmt: skip
+        return cost
+
+
+def _tap_sum(x: Tensor, axis: int, taps: int, stride: int, dilation: int, size: int) -> Tensor:
+    """Σ_κ x[.., κ·dilation + stride·t, κ·dilation + stride·s, ..] over κ < taps, along the
+    pair of axes ``axis``, ``axis + 1`` (two positions of one dimension): [.., size, size, ..]."""
+    span = (size - 1) * stride + 1
+    terms = [
+        x[(slice(None),) * axis + (slice(k * dilation, k * dilation + span, stride),) * 2]
+        for k in range(taps)
+    ]
+    if taps == 1:
+        return terms[0]
+    total = terms[0] + terms[1]
+    in_place = not (torch.is_grad_enabled() and x.requires_grad)
+    for term in terms[2:]:
+        total = total.add_(term) if in_place else total + term
+    return total
+
+
 class ConvRule(OpRule):
     functions = tuple(_CONVS)
 
@@ -110,12 +247,9 @@ class ConvRule(OpRule):
         out = {}
         weight, bias = use.wanted.get("weight"), use.wanted.get("bias")
         if weight is not None:
-            kernel = tuple(weight.shape[2:])
-            patches = unfold(x.reshape(n * rows, *x.shape[2:]), kernel, config["stride"],
-                             config["padding"], config["dilation"])  # fmt: skip
-            patches = patches.reshape(n, rows, groups, -1, patches.shape[-1])  # [n, r, G, i, t]
-            acts = patches.permute(0, 2, 1, 4, 3).reshape(n, groups, -1, patches.shape[3])
-            outer = Outer(grads, acts, weight.shape)
+            patches = Patches(x, tuple(weight.shape[2:]), config["stride"], config["padding"],
+                              config["dilation"], groups)  # fmt: skip
+            outer = Outer(grads, patches, weight.shape)
             out["weight"] = outer
             if bias is not None:
                 out["bias"] = GradientSums(outer, bias.shape)

@@ -45,20 +45,17 @@ def _unbound(in_projection_packed):
     tensors (views of one contiguous [3, T, n, E]), but the backward stacks the three gradients
     once, where three ``select``s each fill a zero [3, T, n, E] and autograd adds the three
     (about a tenth of an attention layer's forward and backward at T=64, n=128, E=256).
+
+    The self-attention branch is PyTorch's own, written out: its calls are followed one by one,
+    and the original's indexing (and probing its result to unbind it) would be eleven calls more.
     """
 
     def projected(q, k, v, w, b=None):
-        parts = in_projection_packed(q, k, v, w, b)
-        base = parts[0]._base if len(parts) == 3 else None
-        if base is None or base.dim() < 2 or base.shape[0] != 3 or not base.is_contiguous():
-            return parts
-        for j, part in enumerate(parts):
-            offset = base.storage_offset() + j * base.stride(0)
-            if part._base is not base or part.shape != base.shape[1:]:
-                return parts
-            if part.storage_offset() != offset or part.stride() != base.stride()[1:]:
-                return parts
-        return list(base.unbind(0))
+        if q is k and k is v:  # self-attention: one projection, split in three
+            proj = F.linear(q, w, b)
+            proj = proj.unflatten(-1, (3, q.size(-1))).unsqueeze(0).transpose(0, -2).squeeze(-2)
+            return list(proj.contiguous().unbind(0))
+        return in_projection_packed(q, k, v, w, b)
 
     return projected
 

@@ -258,7 +258,7 @@ def outer_diagonal(left: Outer, right: Outer, keep: dict | None = None) -> Tenso
     if COSTS.factored_is_cheaper(factored, materialised):
         if not from_inputs:
             a_l, a_r = evaluated(a_l), evaluated(a_r)
-        per_example = groups * max(t * s, a_l.products_elements() if from_inputs else 0)
+        per_example = max(groups * t * s, a_l.products_elements() if from_inputs else 0)
         out, kept = [], []
         for a, b in chunks(n, per_example):
             if from_inputs:

@@ -84,7 +84,11 @@ def _output_sizes(spatial, kernel, stride, dilation) -> list[int]:
 @dataclass(eq=False)
 class Patches(Unbuilt):
     """A convolution's activations [n, G, r·t, i] (r rows per example, t output positions,
-    i = C/G·∏k), from its input [n, r, C, *spatial], built on first use."""
+    i = C/G·∏k), from its input [n, r, C, *spatial], built on first use.
+
+    The input is read when the patches are: changed in place since (``where``: the call),
+    it is refused rather than read.
+    """
 
     input: Tensor
     kernel: tuple[int, ...]
@@ -92,9 +96,11 @@ class Patches(Unbuilt):
     padding: tuple[int, ...] | str
     dilation: tuple[int, ...]
     groups: int
+    where: str = "a convolution"
     _built: Tensor | None = field(default=None, repr=False)
 
     def __post_init__(self):
+        self.version = self.input._version
         n, rows, channels = self.input.shape[:3]
         padded = [size + sum(pad) for size, pad in zip(self.input.shape[3:], self._pads(),
                                                        strict=True)]  # fmt: skip
@@ -124,12 +130,18 @@ class Patches(Unbuilt):
     def to(self, dtype) -> Patches:
         if self.input.dtype == dtype:
             return self
+        self._unchanged()
         return Patches(self.input.to(dtype), self.kernel, self.stride, self.padding,
-                       self.dilation, self.groups,
+                       self.dilation, self.groups, self.where,
                        None if self._built is None else self._built.to(dtype))  # fmt: skip
+
+    def _unchanged(self) -> None:
+        if self.input._version != self.version:
+            raise Unsupported(f"the input of {self.where} was modified in place after the call")
 
     def build(self) -> Tensor:
         if self._built is None:
+            self._unchanged()
             x = self.input
             n, rows, groups = x.shape[0], x.shape[1], self.groups
             patches = unfold(x.reshape(n * rows, *x.shape[2:]), self.kernel, self.stride,
@@ -148,6 +160,7 @@ class Patches(Unbuilt):
         s·stride + κ·dilation] over the kernel's taps κ, summed one spatial dimension at a time
         (the taps of a product kernel are separable).
         """
+        self._unchanged()
         x = self.input[a:b] if (a, b) != (0, self.input.shape[0]) else self.input
         m, rows, channels = x.shape[:3]
         groups, dims = self.groups, len(self.kernel)
@@ -248,7 +261,7 @@ class ConvRule(OpRule):
         weight, bias = use.wanted.get("weight"), use.wanted.get("bias")
         if weight is not None:
             patches = Patches(x, tuple(weight.shape[2:]), config["stride"], config["padding"],
-                              config["dilation"], groups)  # fmt: skip
+                              config["dilation"], groups, use.where)  # fmt: skip
             outer = Outer(grads, patches, weight.shape)
             out["weight"] = outer
             if bias is not None:

@@ -96,6 +96,19 @@ def test_converting_keeps_the_geometry_and_converts_built_patches():
     torch.testing.assert_close(single.products(0, 5), p.products(0, 5).float())
 
 
+def test_an_input_changed_in_place_before_its_patches_are_read_is_refused():
+    """The patches are read late (at the reduction): an input changed since is not read."""
+    for read in (lambda p: p.build(), lambda p: p.products(0, 5), lambda p: p.to(torch.float32)):
+        p = _patches("2d_plain")
+        p.input.mul_(2)
+        with pytest.raises(impls.Unsupported, match="modified in place"):
+            read(p)
+    p = _patches("2d_plain")
+    built = p.build()
+    p.input.mul_(2)
+    assert p.build() is built  # built before the change: what the call saw
+
+
 class FoldedConvNet(nn.Module):
     """Convolutions over examples of 2 rows each (a folded batch), 2d and 1d, one with 'same'."""
 

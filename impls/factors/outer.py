@@ -73,6 +73,10 @@ def evaluated(activations: Tensor | Unbuilt) -> Tensor:
     return activations if isinstance(activations, Tensor) else activations.build()
 
 
+def _build_cost(activations: Tensor | Unbuilt) -> float:
+    return 0.0 if isinstance(activations, Tensor) else activations.build_cost()
+
+
 @dataclass(eq=False)
 class Outer(Factors):
     """Σ_t gradients_nt activations_ntᵀ per group, gradients [n, G, t, o], activations [n, G, t, i].
@@ -246,8 +250,7 @@ def outer_diagonal(left: Outer, right: Outer, keep: dict | None = None) -> Tenso
             products = (a_l * a_r).sum(-1) * (g_l * g_r).sum(-1)
         return products.flatten(1).sum(1)
     # what the activations still cost to build (an Unbuilt's), for each form that needs them
-    building = sum(a.build_cost() for a in {id(a): a for a in (a_l, a_r)}.values()
-                   if isinstance(a, Unbuilt))  # fmt: skip
+    building = _build_cost(a_l) + (0.0 if a_r is a_l else _build_cost(a_r))
     acts_cost = n * groups * t * s * i * COSTS.bmm + building
     from_inputs = same and isinstance(a_l, Unbuilt) and a_l.products_cost() < acts_cost
     if from_inputs:

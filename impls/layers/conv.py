@@ -38,21 +38,24 @@ def _tuple(value, dims: int) -> tuple[int, ...]:
     return tuple(value) if isinstance(value, (tuple, list)) else (value,) * dims
 
 
-def explicit_padding(x: Tensor, padding, kernel, dilation) -> Tensor:
-    """The input zero-padded as the convolution pads it (numbers, 'same', 'valid')."""
+def padding_pairs(padding, kernel, dilation) -> list[tuple[int, int]]:
+    """(before, after) zeros per spatial dimension, as the convolution pads (numbers, 'same',
+    'valid')."""
     dims = len(kernel)
     if padding == "valid":
-        return x
+        return [(0, 0)] * dims
     if padding == "same":
-        pads = []
-        for d, k in zip(reversed(dilation), reversed(kernel), strict=True):
-            total = d * (k - 1)
-            pads += [total // 2, total - total // 2]
-        return F.pad(x, pads)
-    padding = _tuple(padding, dims)
-    if not any(padding):
+        totals = [d * (k - 1) for d, k in zip(dilation, kernel, strict=True)]
+        return [(total // 2, total - total // 2) for total in totals]
+    return [(p, p) for p in _tuple(padding, dims)]
+
+
+def explicit_padding(x: Tensor, padding, kernel, dilation) -> Tensor:
+    """The input zero-padded as the convolution pads it (numbers, 'same', 'valid')."""
+    pairs = padding_pairs(padding, kernel, dilation)
+    if not any(before or after for before, after in pairs):
         return x
-    return F.pad(x, [p for p in reversed(padding) for _ in range(2)])
+    return F.pad(x, [p for pair in reversed(pairs) for p in pair])
 
 
 def unfold(x: Tensor, kernel, stride, padding, dilation) -> Tensor:
@@ -102,23 +105,13 @@ class Patches(Unbuilt):
     def __post_init__(self):
         self.version = self.input._version
         n, rows, channels = self.input.shape[:3]
-        padded = [size + sum(pad) for size, pad in zip(self.input.shape[3:], self._pads(),
-                                                       strict=True)]  # fmt: skip
+        pads = padding_pairs(self.padding, self.kernel, self.dilation)
+        padded = [size + sum(pad) for size, pad in zip(self.input.shape[3:], pads, strict=True)]
         self.padded_sizes = padded
         self.out_sizes = _output_sizes(padded, self.kernel, self.stride, self.dilation)
         t = math.prod(self.out_sizes)
         i = channels // self.groups * math.prod(self.kernel)
         self.shape = torch.Size((n, self.groups, rows * t, i))
-
-    def _pads(self) -> list[tuple[int, int]]:
-        """(before, after) zeros per spatial dimension, as the convolution pads."""
-        dims = len(self.kernel)
-        if self.padding == "valid":
-            return [(0, 0)] * dims
-        if self.padding == "same":
-            totals = [d * (k - 1) for d, k in zip(self.dilation, self.kernel, strict=True)]
-            return [(total // 2, total - total // 2) for total in totals]
-        return [(p, p) for p in self.padding]
 
     @property
     def built(self) -> Tensor | None:
@@ -165,7 +158,7 @@ class Patches(Unbuilt):
         m, rows, channels = x.shape[:3]
         groups, dims = self.groups, len(self.kernel)
         flat = x.reshape(m * rows, channels, *x.shape[3:])
-        padded = F.pad(flat, [p for pair in reversed(self._pads()) for p in pair])
+        padded = explicit_padding(flat, self.padding, self.kernel, self.dilation)
         sizes = self.padded_sizes
         # [m, G, r·P, c]: every row's padded positions of one group
         x = padded.reshape(m, rows, groups, channels // groups, -1).permute(0, 2, 1, 4, 3)

@@ -208,7 +208,7 @@ class Capture:
         replacement = REPLACEMENTS.get(func)
         if replacement is not None:
             with self.watch.following():  # the replacement's own calls are followed and captured
-                result = replacement(args, kwargs, self.watch, self.create_graph)
+                result = replacement(args, kwargs, self)
             if result is not NotImplemented:
                 return result
         tensors = tensor_arguments(args, kwargs)
@@ -231,7 +231,19 @@ class Capture:
             return self._meet(func, args, kwargs, weights)
         return self._alias(func, args, kwargs)
 
-    def _record(self, rule, binding, func, args, kwargs):
+    def record_computed(self, func, args: tuple, kwargs: dict, stand_in: Tensor) -> Tensor:
+        """Record the call ``func(*args, **kwargs)`` without running it, for a replacement
+        that computed it inside a larger computation: ``stand_in`` is a tensor of the call's
+        shape whose gradient is the call's output gradient (what the rest of the graph would
+        send back to the call's output). Returns the tensor the replacement continues with in
+        place of ``stand_in``."""
+        rule = rule_for(func)
+        binding = rule.bind(func, args, kwargs, self.is_weight) if rule is not None else None
+        if binding is None:
+            raise TypeError(f"record_computed: no rule binds torch.{name_of(func)} here")
+        return self._record(rule, binding, func, args, kwargs, stand_in=stand_in)
+
+    def _record(self, rule, binding, func, args, kwargs, stand_in=None):
         where = self.where(func)
         layouts = []
         for x in binding.activations:
@@ -257,7 +269,10 @@ class Capture:
             frames=tuple(self.watch.frames),
         )
         rule.check(use)
-        result = self._compute(use, func, args, kwargs)
+        if stand_in is None:
+            result = self._compute(use, func, args, kwargs)
+        else:
+            result = self._stand_in(use, stand_in)
         if not isinstance(result, Tensor):
             raise Unsupported(f"{where} returned {type(result).__name__}, not a tensor")
         use.output = result
@@ -270,13 +285,20 @@ class Capture:
                 reason = tag.reason if isinstance(tag, Lost) else "its output carries no batch"
                 raise Unsupported(f"{where}: {reason}")
             use.output_layout = tag
-            self.watch.followed(result, tag)
+            if stand_in is None:
+                self.watch.followed(result, tag)
+            else:  # not inside the watch's handling of a call: nothing to skip
+                self.watch.set_tag(result, tag)
         self.uses.append(use)
         return result
 
     def _compute(self, use: Use, func, args, kwargs):
         """Run a recorded call (a strategy may compute it another way)."""
         return func(*args, **kwargs)
+
+    def _stand_in(self, use: Use, stand_in: Tensor) -> Tensor:
+        """What stands for a call computed elsewhere (:meth:`record_computed`)."""
+        return stand_in
 
     def _meet(self, func, args, kwargs, weights):
         """A shared tensor meets the batch in ``func``: substitute it, or hand the call over."""

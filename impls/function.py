@@ -103,6 +103,23 @@ class EmbeddingFunction(torch.autograd.Function):
         return None, None, None, None
 
 
+class StandInFunction(torch.autograd.Function):
+    """A call computed inside a larger one (``Capture.record_computed``): the identity on its
+    stand-in, whose backward records g. The call's weights are inputs, so that asking for their
+    gradients runs it; they get none."""
+
+    @staticmethod
+    def forward(ctx, stand_in, weight, bias, sink):
+        ctx.sink = sink
+        return stand_in.view_as(stand_in)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output):
+        ctx.sink.append(grad_output)
+        return grad_output, None, None, None
+
+
 _COVERED = (LinearRule, ConvRule, EmbeddingRule)
 
 
@@ -138,7 +155,7 @@ class FunctionCapture(Capture):
             f"{self.where(func)}"
         )
 
-    def _record(self, rule, binding, func, args, kwargs):
+    def _record(self, rule, binding, func, args, kwargs, stand_in=None):
         if not isinstance(rule, _COVERED):
             self._refuse([w for w in binding.weights.values() if w is not None], func)
         for role, w in binding.weights.items():
@@ -147,9 +164,22 @@ class FunctionCapture(Capture):
                     f"'function' cannot account for the {role} of {self.where(func)}: it is "
                     "computed from parameters, not a parameter"
                 )
-        return super()._record(rule, binding, func, args, kwargs)
+        return super()._record(rule, binding, func, args, kwargs, stand_in=stand_in)
 
     def _compute(self, use, func, args, kwargs):
+        self._check_per_example(use)
+        sink: list = []
+        self.sinks.append((use, sink))
+        return _through_function(use, sink)
+
+    def _stand_in(self, use, stand_in):
+        self._check_per_example(use)
+        sink: list = []
+        self.sinks.append((use, sink))
+        weights = use.binding.weights
+        return StandInFunction.apply(stand_in, weights.get("weight"), weights.get("bias"), sink)
+
+    def _check_per_example(self, use):
         if torch._C._autograd._top_saved_tensors_default_hooks(False) is not None:
             raise Unsupported(
                 f"{use.where} runs under saved-tensor hooks (activation checkpointing?): its "
@@ -160,9 +190,6 @@ class FunctionCapture(Capture):
                 f"'function' cannot compute {use.where} per example: it is called on a tensor "
                 "shared by all examples"
             )
-        sink: list = []
-        self.sinks.append((use, sink))
-        return _through_function(use, sink)
 
     def _meet(self, func, args, kwargs, weights):
         self._refuse(weights, func)
@@ -180,7 +207,7 @@ class FunctionCapture(Capture):
 
 
 FunctionCapture.own_functions = tuple(
-    f._backward_cls for f in (LinearFunction, ConvFunction, EmbeddingFunction)
+    f._backward_cls for f in (LinearFunction, ConvFunction, EmbeddingFunction, StandInFunction)
 )
 
 

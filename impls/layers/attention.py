@@ -60,7 +60,7 @@ def _unbound(in_projection_packed):
     return projected
 
 
-def _replacement(args, kwargs, watch, differentiable):
+def _replacement(args, kwargs, capture):
     return _followable_attention_forward()(*args, **kwargs)
 
 

@@ -12,13 +12,14 @@ Configurations it does not reproduce run the kernel as usual (the module then ge
 fallback): packed sequences, dropout between layers in training mode.
 
 An LSTM layer without ``proj_size`` whose result need not be differentiable twice takes a faster
-route with the same factors (``_lstm_layer``): the fused kernel computes the hidden states
-without autograd, both projections are then one ``F.linear`` each over the whole sequence
-(x W_ihᵀ + b_ih and [h_0, h_1 .. h_{T-1}] W_hhᵀ + b_hh, the states detached), and
-:class:`LSTMCells` runs the cell updates from the summed pre-activations, forward and backward,
-its backward carrying the recurrence through W_hh that the detached states leave out. The gate
-gradients autograd delivers to the two projections are then every step's exact gate gradients,
-and the Python work per step is a handful of kernel calls instead of a dozen autograd nodes.
+route with the same factors (``_lstm_layer``): the input projections x W_ihᵀ + b_ih are one
+``F.linear`` over the whole sequence, and a scan without autograd (:func:`_forward_scan`, a few
+kernel calls per step) computes every step's h_{t-1} W_hhᵀ + b_hh, gates, cell and hidden state.
+W_hh's use is recorded with the states [h_0 .. h_{T-1}] as activations and the gates' gradient
+(the input projections' output gradient, the same tensor) without computing the hidden
+projections a second time (``Capture.record_computed``). :class:`LSTMCells` hands the scan's
+results to autograd; its backward is backpropagation through time, so the gradient autograd
+delivers to the input projections is every step's exact gate gradient.
 """
 
 from __future__ import annotations
@@ -53,66 +54,81 @@ def _step(mode, x_proj, h_proj, h, c):
     return act(x_proj + h_proj), None
 
 
-def _cell_updates(gates, c0):
-    """From every step's gate pre-activations gates [n, T, 4H] and c_0 [n, H], without autograd:
-    (states [T, n, H], acts [T, 4, n, H] (sigmoid i, f, o; tanh g), cells [T + 1, n, H] (c_0
-    first), tanh_c [T, n, H]), time-major. Only the cell state's scan runs step by step.
+def _forward_scan(gates_x, h0, c0, w_hh, b_hh):
+    """One LSTM layer's steps from its input projections ``gates_x`` [n, T, 4H] (x W_ihᵀ + b_ih)
+    and initial states [n, H], without autograd: (acts [T, 4, n, H] (sigmoid i, f, o; tanh g),
+    cells [T + 1, n, H] (c_0 first), tanh_c [T, n, H], states [T + 1, n, H] (h_0 first)),
+    time-major. In ``gates_x``'s dtype (autocast's, under it).
 
-    ``acts`` keeps each gate's [n, H] block of a step contiguous: on the CPUs measured, tanh
-    costs about ten times a sigmoid, and three times that again on a strided view.
+    ``acts`` keeps each gate's [n, H] block of a step contiguous: on the CPUs measured, tanh on
+    a strided [n, H] column block of [n, 4H] costs four to eight times the contiguous one.
     """
-    n, steps, four_h = gates.shape
+    n, steps, four_h = gates_x.shape
     hidden = four_h // 4
-    acts = gates.new_empty(steps, 4, n, hidden)  # a copy: changed in place
-    acts.copy_(gates.transpose(0, 1).unflatten(2, (4, hidden)).transpose(1, 2))
-    torch.sigmoid_(acts[:, :2])
-    torch.sigmoid_(acts[:, 3])
-    torch.tanh_(acts[:, 2])
-    i, f, g, o = acts.unbind(1)
-    cells = gates.new_empty(steps + 1, n, hidden)
+    dtype = gates_x.dtype
+    w_t = w_hh.to(dtype).t()
+    bias = gates_x.new_zeros(4, 1, hidden) if b_hh is None else b_hh.to(dtype).view(4, 1, hidden)
+    acts = gates_x.new_empty(steps, 4, n, hidden)
+    cells = gates_x.new_empty(steps + 1, n, hidden)
     cells[0] = c0
-    torch.mul(i, g, out=cells[1:])
+    states = gates_x.new_empty(steps + 1, n, hidden)
+    states[0] = h0
+    tanh_c = gates_x.new_empty(steps, n, hidden)
+    projected = gates_x.new_empty(n, four_h)
+    gates_by_gate = projected.view(n, 4, hidden).transpose(0, 1)
+    # every step's views, made once (indexing in the loop costs more than the math at small n)
+    steps_x = gates_x.unbind(1)
+    i, f, g, o = (gate.unbind(0) for gate in acts.unbind(1))
+    acts_t, if_t, c, h, tanh_t = (x.unbind(0) for x in (acts, acts[:, :2], cells, states, tanh_c))
     for t in range(steps):
-        cells[t + 1].addcmul_(f[t], cells[t])
-    tanh_c = torch.tanh(cells[1:])
-    return o * tanh_c, acts, cells, tanh_c
+        torch.addmm(steps_x[t], h[t], w_t, out=projected)
+        torch.add(gates_by_gate, bias, out=acts_t[t])
+        torch.sigmoid_(if_t[t])
+        torch.sigmoid_(o[t])
+        torch.tanh_(g[t])
+        torch.mul(i[t], g[t], out=c[t + 1]).addcmul_(f[t], c[t])
+        torch.tanh(c[t + 1], out=tanh_t[t])
+        torch.mul(o[t], tanh_t[t], out=h[t + 1])
+    return acts, cells, tanh_c, states
 
 
 class LSTMCells(torch.autograd.Function):
     """LSTM's cell updates over a sequence, as a function of every step's gate pre-activations.
 
-    ``forward(gates [n, T, 4H], c0 [n, H], w_hh [4H, H]) -> (h [n, T, H], c_T [n, H])``, where
-    ``gates[:, t]`` = x_t W_ihᵀ + b_ih + h_{t-1} W_hhᵀ + b_hh was computed by the caller from the
-    values of h_{t-1}, detached for t >= 1. The backward is backpropagation through time: the
-    gradient reaching h_{t-1} through gates_t (dgates_t W_hh, the path the detached states cut)
-    is added here, so the gradient returned for ``gates`` is every step's exact gate gradient.
-    ``w_hh`` is used by the backward only and gets no gradient (the caller's projection of the
-    states accounts for it). Not differentiable twice.
+    ``forward(gates [n, T, 4H], h0 [n, H], c0 [n, H], w_hh [4H, H], acts, cells, tanh_c,
+    states) -> (h [n, T, H], c_T [n, H])`` returns what :func:`_forward_scan` computed (the
+    last four arguments, computed beforehand without autograd), as a function of ``gates``
+    (x_t W_ihᵀ + b_ih + h_{t-1} W_hhᵀ + b_hh at every step), ``h0`` and ``c0``. The backward
+    is backpropagation through time: the gradient returned for ``gates`` is every step's exact
+    gate gradient, for ``h0`` and ``c0`` theirs. ``w_hh`` is used by the backward only and gets
+    no gradient (the caller records its use with the gates' gradient). Not differentiable twice.
     """
 
     @staticmethod
-    def forward(ctx, gates, c0, w_hh):
-        with torch._C.DisableTorchFunction():  # plain kernels, whatever mode is active
-            states, acts, cells, tanh_c = _cell_updates(gates, c0)
+    def forward(ctx, gates, h0, c0, w_hh, acts, cells, tanh_c, states):
         ctx.save_for_backward(acts, cells, tanh_c, w_hh)
-        return states.transpose(0, 1), cells[-1].clone()
+        ctx.dtypes = h0.dtype, c0.dtype
+        return states[1:].transpose(0, 1), cells[-1].clone()
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_h, grad_c):
         acts, cells, tanh_c, w_hh = ctx.saved_tensors
-        # the gates' dtype: under autocast the caller's hidden projection multiplied by W_hh cast
-        # to it, and this backward runs outside autocast
+        # the gates' dtype: under autocast the forward multiplied by W_hh cast to it, and this
+        # backward runs outside autocast
         w_hh = w_hh.to(acts.dtype)
-        steps, _, n, hidden = acts.shape
         with torch._C.DisableTorchFunction():  # plain kernels, whatever mode is active
-            grad_gates, grad_c0 = _through_time(acts, cells, tanh_c, w_hh, grad_h, grad_c)
-        return grad_gates.view(steps, n, 4 * hidden).transpose(0, 1), grad_c0, None
+            grad_gates, grad_h0, grad_c0 = _through_time(acts, cells, tanh_c, w_hh, grad_h,
+                                                         grad_c)  # fmt: skip
+        dtype_h, dtype_c = ctx.dtypes
+        return (grad_gates, grad_h0.to(dtype_h), grad_c0.to(dtype_c), None, None, None, None,
+                None)  # fmt: skip
 
 
 def _through_time(acts, cells, tanh_c, w_hh, grad_h, grad_c):
-    """(gate gradients [T, n, 4, H], gradient of c_0) from ``acts`` [T, 4, n, H] and the
-    gradients of the hidden states [n, T, H] and of c_T (either None: zero)."""
+    """(gate gradients [n, T, 4H], gradients of h_0 and c_0 [n, H]) from :func:`_forward_scan`'s
+    ``acts``, ``cells`` and ``tanh_c`` and the gradients of the hidden states [n, T, H] and of
+    c_T [n, H] (either None: zero)."""
     steps, _, n, hidden = acts.shape
     i, f, g, o = acts.unbind(1)
     # what does not depend on the recurrence, for every step at once (x - x*y as one addcmul,
@@ -127,41 +143,51 @@ def _through_time(acts, cells, tanh_c, w_hh, grad_h, grad_c):
     flat = grad_gates.view(steps, n, 4 * hidden)
     if grad_h is None:
         grad_h = acts.new_zeros(steps, n, hidden)
-    else:
-        # dh_t, then plus dgates_{t+1} W_hh: a copy (autograd's buffer is not ours to change)
-        grad_h = grad_h.transpose(0, 1).clone(memory_format=torch.contiguous_format)
-    dc = acts.new_zeros(n, hidden) if grad_c is None else grad_c.clone()
+    else:  # dh_t, then plus dgates_{t+1} W_hh: a copy (autograd's buffer is not ours to change)
+        grad_h = grad_h.to(acts.dtype).transpose(0, 1).clone(memory_format=torch.contiguous_format)
+    dc = acts.new_zeros(n, hidden) if grad_c is None else grad_c.to(acts.dtype).clone()
+    dc_by_gate = dc.unsqueeze(1)
+    # every step's views, made once (indexing in the loop costs more than the math at small n)
+    dh, f, through_h, to_o, to_ifg, flat_t = (
+        x.unbind(0) for x in (grad_h, f, through_h, to_o, to_ifg, flat)
+    )
+    grad_o, grad_ifg = grad_gates[:, :, 3].unbind(0), grad_gates[:, :, :3].unbind(0)
     for t in range(steps - 1, -1, -1):
-        dh = grad_h[t]
-        dc.addcmul_(dh, through_h[t])
-        torch.mul(dh, to_o[t], out=grad_gates[t, :, 3])
-        torch.mul(dc.unsqueeze(1), to_ifg[t], out=grad_gates[t, :, :3])
-        if t:  # h_0 is not detached: its gradient comes through the caller's projection
-            grad_h[t - 1].addmm_(flat[t], w_hh)
+        dc.addcmul_(dh[t], through_h[t])
+        torch.mul(dh[t], to_o[t], out=grad_o[t])
+        torch.mul(dc_by_gate, to_ifg[t], out=grad_ifg[t])
+        if t:
+            dh[t - 1].addmm_(flat_t[t], w_hh)
         dc.mul_(f[t])
-    return grad_gates, dc
+    return flat.transpose(0, 1), torch.mm(flat[0], w_hh), dc
 
 
 REPLACEMENT_FUNCTIONS.append(LSTMCells)
 
 
-def _lstm_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, watch):
-    """One LSTM layer and direction over x [n, T, F]: (h [n, T, H], h_T, c_T), see the module."""
-    with torch.no_grad():  # the hidden states' values, from the fused kernel
-        weights = [w.detach() for w in (w_ih, w_hh, b_ih, b_hh) if w is not None]
-        states, _, _ = torch.lstm(x.detach(), (h0[None].detach(), c0[None].detach()), weights,
-                                  b_ih is not None, 1, 0.0, False, False, True)  # fmt: skip
-    previous = torch.cat((h0.unsqueeze(1), states[:, :-1]), 1)
-    gates = F.linear(x, w_ih, b_ih) + F.linear(previous, w_hh, b_hh)
-    h, c = LSTMCells.apply(gates, c0, w_hh.detach())
-    watch.set_tag(h, Layout(0))  # a custom Function's outputs are not seen by the watch
-    watch.set_tag(c, Layout(0))
+def _lstm_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, capture):
+    """One LSTM layer and direction over x [n, T, F]: (h [n, T, H], h_T, c_T), see the module.
+
+    W_ih's use is the ``F.linear`` call of the input projections; W_hh's (every step's
+    h_{t-1} W_hhᵀ + b_hh) is computed inside the scan and recorded with the gates' gradient,
+    which is the input projections' (``Capture.record_computed``), so it is not computed twice.
+    """
+    gates_x = F.linear(x, w_ih, b_ih)
+    with torch.no_grad(), torch._C.DisableTorchFunction():
+        acts, cells, tanh_c, states = _forward_scan(gates_x.detach(), h0.detach(), c0.detach(),
+                                                    w_hh.detach(), b_hh)  # fmt: skip
+        previous = states[:-1].transpose(0, 1).contiguous()  # h_0 .. h_{T-1}: [n, T, H]
+    capture.watch.set_tag(previous, Layout(0))
+    gates = capture.record_computed(F.linear, (previous, w_hh, b_hh), {}, gates_x)
+    h, c = LSTMCells.apply(gates, h0, c0, w_hh.detach(), acts, cells, tanh_c, states)
+    capture.watch.set_tag(h, Layout(0))  # a custom Function's outputs are not seen by the watch
+    capture.watch.set_tag(c, Layout(0))
     return h, h[:, -1], c
 
 
 def unrolled(mode, input, hx, params, has_biases, num_layers, dropout, train, bidirectional,
-             batch_first, watch=None):  # fmt: skip
-    """What the fused kernel returns, computed step by step; given the ``watch``, LSTM layers
+             batch_first, capture=None):  # fmt: skip
+    """What the fused kernel returns, computed step by step; given the ``capture``, LSTM layers
     without projection by :func:`_lstm_layer` (not differentiable twice)."""
     x = input if batch_first else input.transpose(0, 1)  # [n, T, F]
     directions = 2 if bidirectional else 1
@@ -176,8 +202,8 @@ def unrolled(mode, input, hx, params, has_biases, num_layers, dropout, train, bi
             b_ih, b_hh = rest[:2] if has_biases else (None, None)
             w_hr = rest[-1] if per % 2 else None  # LSTM with proj_size: h = (o·tanh c) W_hrᵀ
             sequence = x if direction == 0 else x.flip(1)
-            if watch is not None and mode == "LSTM" and w_hr is None:
-                out, h, c = _lstm_layer(sequence, h0[k], c0[k], w_ih, w_hh, b_ih, b_hh, watch)
+            if capture is not None and mode == "LSTM" and w_hr is None:
+                out, h, c = _lstm_layer(sequence, h0[k], c0[k], w_ih, w_hh, b_ih, b_hh, capture)
                 outputs.append(out if direction == 0 else out.flip(1))
                 last_h.append(h)
                 last_c.append(c)
@@ -207,7 +233,7 @@ def _projected(mode, params, has_biases, num_layers, directions) -> int:
 
 
 def _replacement_for(mode):
-    def replacement(args, kwargs, watch, differentiable):
+    def replacement(args, kwargs, capture):
         if kwargs or len(args) != 9 or not isinstance(args[2], (list, tuple)):
             return NotImplemented  # packed sequences: the kernel, and the fallback decides
         input, hx, params, has_biases, num_layers, dropout, train, bidirectional = args[:8]
@@ -222,9 +248,9 @@ def _replacement_for(mode):
         # state (nn.LSTM's zeros, built for the batch's size) carries them there
         states = hx if isinstance(hx, (list, tuple)) else [hx]
         for state in states:
-            if watch.tag_of(state) is None and not state.requires_grad:
-                watch.set_tag(state, Layout(1))
-        return unrolled(mode, *args, watch=None if differentiable else watch)
+            if capture.watch.tag_of(state) is None and not state.requires_grad:
+                capture.watch.set_tag(state, Layout(1))
+        return unrolled(mode, *args, capture=None if capture.create_graph else capture)
 
     return replacement
 

@@ -13,9 +13,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-#: torch function -> replacement(args, kwargs, watch, differentiable) -> the same result, or
-#: NotImplemented (``watch``: the :class:`~impls._watch.BatchWatch` the replacement runs under;
-#: ``differentiable``: the result must be differentiable twice)
+#: torch function -> replacement(args, kwargs, capture) -> the same result, or NotImplemented
+#: (``capture``: the :class:`~impls._capture.Capture` recording the forward; the replacement runs
+#: under its ``watch``, and ``capture.create_graph`` says the result must be differentiable twice)
 REPLACEMENTS: dict[Any, Callable[[tuple, dict, Any], Any]] = {}
 
 

@@ -459,6 +459,29 @@ def test_lstm_final_states_and_initial_cells_agree_with_naive(options):
     _, batch, other = _recurrent_problem("lstm")
     _agree("ghost", model, batch, other)
     _agree("hooks", model, batch, other)
+    _agree("function", model, batch, other)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_lstm_hidden_projection_is_not_computed_twice(bias):
+    """The fast LSTM route computes every step's h_{t-1} W_hhᵀ once, in its scan, and records
+    W_hh's use with the gates' gradient: the capture's forward multiplies exactly as much as the
+    layer (the input projections and one hidden product per step) and the head, and the
+    factors still agree with naive's per-example gradients."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from impls._capture import captured_forward
+
+    torch.manual_seed(0)
+    model = Recur("LSTM", bias=bias).double()
+    _, batch, other = _recurrent_problem("lstm")
+    n, steps, features = batch[0].shape
+    hidden, classes = 4, 2
+    with FlopCounterMode(display=False) as counter:
+        captured_forward(Implementation._side(model, batch), _ce, False)
+    layer = 2 * n * steps * 4 * hidden * (features + hidden)
+    assert counter.get_total_flops() == layer + 2 * n * hidden * classes
+    _agree("ghost", model, batch, other)
 
 
 def test_recurrent_dropout_in_training_is_left_to_the_kernel():

@@ -204,6 +204,8 @@ class Attend(nn.Module):
             q, k, v = (y.transpose(0, 1) for y in (q, k, v))
         if self.mode == "self":
             a, _ = self.attn(q, q, q)
+        elif self.mode == "self_no_weights":  # what transformer layers call
+            a, _ = self.attn(q, q, q, need_weights=False)
         elif self.mode == "kv":  # key is value, query differs (encoder-decoder)
             a, _ = self.attn(q, k, k, need_weights=False)
         elif self.mode == "twice":  # self-attention, then cross-attention: two calls, one weight
@@ -218,6 +220,10 @@ class Attend(nn.Module):
 
 ATTENTION_MODELS = {
     "self_packed": dict(mode="self"),
+    "self_no_weights": dict(mode="self_no_weights"),
+    "self_no_weights_seq_first_no_bias": dict(
+        mode="self_no_weights", batch_first=False, bias=False
+    ),
     "self_seq_first": dict(mode="self", batch_first=False),
     "key_is_value": dict(mode="kv"),
     "qkv_distinct": dict(mode="qkv"),
@@ -272,6 +278,25 @@ def test_attention_projections_agree_with_naive(force, name):
             assert isinstance(factors[local], (Outer, Sum)), local
     if "bias_k" in factors:  # not a projection: from where it meets the batch (a cat)
         assert isinstance(factors["bias_k"], Dense)
+
+
+@pytest.mark.parametrize("name", sorted(ATTENTION_MODELS))
+def test_plain_self_attention_takes_the_short_route(monkeypatch, name):
+    """Self-attention without masks or weights runs as its three calls; every other call of the
+    module runs PyTorch's own forward, copied (and agrees with naive either way, above)."""
+    from impls.layers import attention
+
+    copied = []
+    original = attention._followable_attention_forward
+
+    def counted():
+        copied.append(1)
+        return original()
+
+    monkeypatch.setattr(attention, "_followable_attention_forward", counted)
+    model, batch, _ = _attention_problem(name)
+    impls.get("ghost").norms(model, _ce, batch)
+    assert (not copied) == name.startswith("self_no_weights"), copied
 
 
 class EncoderDecoder(nn.Module):

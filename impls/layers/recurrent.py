@@ -118,17 +118,18 @@ class LSTMCells(torch.autograd.Function):
         # backward runs outside autocast
         w_hh = w_hh.to(acts.dtype)
         with torch._C.DisableTorchFunction():  # plain kernels, whatever mode is active
-            grad_gates, grad_h0, grad_c0 = _through_time(acts, cells, tanh_c, w_hh, grad_h,
-                                                         grad_c)  # fmt: skip
+            grad_gates, grad_c0 = _through_time(acts, cells, tanh_c, w_hh, grad_h, grad_c)
+            # h_0's gradient through the first step's hidden product, when h_0 needs one
+            grad_h0 = torch.mm(grad_gates[:, 0], w_hh) if ctx.needs_input_grad[1] else None
         dtype_h, dtype_c = ctx.dtypes
-        return (grad_gates, grad_h0.to(dtype_h), grad_c0.to(dtype_c), None, None, None, None,
-                None)  # fmt: skip
+        grad_h0 = None if grad_h0 is None else grad_h0.to(dtype_h)
+        return grad_gates, grad_h0, grad_c0.to(dtype_c), None, None, None, None, None
 
 
 def _through_time(acts, cells, tanh_c, w_hh, grad_h, grad_c):
-    """(gate gradients [n, T, 4H], gradients of h_0 and c_0 [n, H]) from :func:`_forward_scan`'s
-    ``acts``, ``cells`` and ``tanh_c`` and the gradients of the hidden states [n, T, H] and of
-    c_T [n, H] (either None: zero)."""
+    """(gate gradients [n, T, 4H], gradient of c_0 [n, H]) from :func:`_forward_scan`'s ``acts``,
+    ``cells`` and ``tanh_c`` and the gradients of the hidden states [n, T, H] and of c_T [n, H]
+    (either None: zero)."""
     steps, _, n, hidden = acts.shape
     i, f, g, o = acts.unbind(1)
     # what does not depend on the recurrence, for every step at once (x - x*y as one addcmul,
@@ -159,7 +160,7 @@ def _through_time(acts, cells, tanh_c, w_hh, grad_h, grad_c):
         if t:
             dh[t - 1].addmm_(flat_t[t], w_hh)
         dc.mul_(f[t])
-    return flat.transpose(0, 1), torch.mm(flat[0], w_hh), dc
+    return flat.transpose(0, 1), dc
 
 
 REPLACEMENT_FUNCTIONS.append(LSTMCells)

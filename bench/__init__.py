@@ -9,7 +9,8 @@
 - ``bench.store``: the tidy table on disk (atomic CSV writes, checked reads, merges, resume)
 - ``bench.report``: REPORT.md and the plots from the tables
 - ``bench.gate`` / ``bench.baseline`` / ``bench.regress``: the regression gate's decisions,
-  its baseline file, its command
+  its baseline file, its command; ``bench.baseline_commit``: its last check of a time
+  regression, the baseline's own commit measured on this machine
 - ``python -m bench``: the command line (``bench/__main__.py``; the pieces every command line
   shares are ``correctness.cli``)
 

@@ -268,11 +268,14 @@ def decide(
     baseline: Sequence[CellResult],
     run: Sequence[CellResult],
     thresholds: Thresholds = Thresholds(),
+    spreads: Mapping[tuple[str, str], float] | None = None,
 ) -> list[Decision]:
     """Every cell of the run judged against the baseline (cells only in the baseline are left
-    out: the run did not ask for them)."""
+    out: the run did not ask for them). ``spreads``: (case, implementation) -> the spread that
+    sets the time thresholds, default ``group_spreads(baseline)`` (a baseline of one run, such as
+    the baseline's commit measured here, takes the committed baseline's)."""
     reference = {c.key: c for c in baseline}
-    spreads = group_spreads(baseline)
+    spreads = group_spreads(baseline) if spreads is None else spreads
     decisions = []
     for cell in run:
         base = reference.get(cell.key)
@@ -317,9 +320,12 @@ def regressions(decisions: Sequence[Decision]) -> list[Decision]:
 NOT_CONFIRMED = "not confirmed"
 
 
-def confirm(first: Sequence[Decision], second: Sequence[Decision]) -> list[Decision]:
+def confirm(
+    first: Sequence[Decision], second: Sequence[Decision], how: str = "measured again"
+) -> list[Decision]:
     """``first`` with each time or status regression kept only if ``second`` (the same cells
-    measured again, judged against the same baseline) regresses again: on the same metric, or
+    measured again, judged against the same baseline, or against the baseline's commit measured
+    here: ``how`` says which in the notes) regresses again: on the same metric, or
     on any metric when either is a status regression (a cell that timed out once and was 10x
     slower the next time). Otherwise it becomes "ok" with a note. A burst of load on a shared
     machine spans a whole cell (a second or so), so one cell can look 2.5x slower; it rarely
@@ -339,15 +345,13 @@ def confirm(first: Sequence[Decision], second: Sequence[Decision]) -> list[Decis
         ]
         if repeated:
             seen = _seen(repeated[0])
-            note = "; ".join(n for n in (d.note, f"confirmed: measured again, {seen}") if n)
+            note = "; ".join(n for n in (d.note, f"confirmed: {how}, {seen}") if n)
             confirmed.append(replace(d, note=note))
             continue
         other = next((o for o in same_cell if o.metric == d.metric), None)
         other = other or next((o for o in same_cell if o.metric == "time"), None)
         seen = "not measured" if other is None else _seen(other)
-        confirmed.append(
-            replace(d, verdict=UNCHANGED, note=f"{NOT_CONFIRMED}: measured again, {seen}")
-        )
+        confirmed.append(replace(d, verdict=UNCHANGED, note=f"{NOT_CONFIRMED}: {how}, {seen}"))
     return confirmed
 
 

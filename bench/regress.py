@@ -13,7 +13,9 @@ only the counters are compared). The decisions are ``bench.gate``; in short:
   vmap, an extra copy of the activations) fails on any machine, whatever its load;
 - **time**: the ratio of a call's CPU time to an interleaved plain step's, per round, 10 short
   rounds; a cell regresses beyond its own threshold (set from the run-to-run spread measured
-  when the baseline was written) when a rank test agrees and a second measurement repeats it;
+  when the baseline was written) when a rank test agrees, a second measurement repeats it, and
+  this tree is also slower than the baseline's own commit measured here, in fresh processes
+  (``bench.baseline_commit``: a host's difference or a process's level is not our regression);
 - status: a cell ok in the baseline must stay ok.
 
 The failing report names the cell, the counter or time that moved, by how much, and the
@@ -45,6 +47,7 @@ import math
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +61,12 @@ from bench.baseline import (
     default_baseline,
     load_baseline,
     write_baseline,
+)
+from bench.baseline_commit import (
+    PROCESSES,
+    CommitUnavailable,
+    baseline_commit,
+    measure_against_commit,
 )
 from bench.gate import (
     DEFAULT_ALPHA,
@@ -76,6 +85,7 @@ from bench.gate import (
     decide,
     format_not_gated,
     format_table,
+    group_spreads,
     merge_repeats,
     regressions,
     reproduce,
@@ -348,6 +358,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "must repeat (default %(default)s; 0: believe the first measurement)",
     )
     parser.add_argument(
+        "--no-against-commit",
+        action="store_true",
+        help="believe a confirmed time regression without measuring the baseline's own commit "
+        "on this machine (default: measure it; the regression must show against it too)",
+    )
+    parser.add_argument(
         "--save", type=Path, default=None, help="also write this run, in the baseline's format"
     )
     parser.add_argument(
@@ -447,6 +463,67 @@ def validate(args: argparse.Namespace) -> None:
     args.baseline_path, args.reference = path, reference
 
 
+def _timing_options(args: argparse.Namespace) -> list[str]:
+    """This run's timing options, for the baseline's commit to measure the same way."""
+    return [
+        "--device",
+        args.device,
+        "--threads",
+        str(args.threads),
+        "--rounds",
+        str(args.rounds),
+        "--min-run-time",
+        str(args.min_run_time),
+        "--budget",
+        str(args.budget),
+    ]
+
+
+def against_baseline_commit(
+    decisions: list[Decision],
+    baseline: Baseline,
+    thresholds: Thresholds,
+    args: argparse.Namespace,
+) -> list[Decision]:
+    """Time regressions that survived ``--confirm`` judged once more: the baseline's commit and
+    this tree, each measured in fresh processes on this machine, alternately
+    (``bench.baseline_commit``); one stands only when this tree is slower than that commit by
+    more than the cell's threshold. The rounds of one process share its level, so the rank test
+    over them is overconfident: the means over processes against the threshold decide. Status
+    and counter regressions stand as they are; so do time regressions when the commit cannot be
+    measured (the reason is printed)."""
+    suspects = {d.key for d in regressions(decisions) if d.metric == "time"}
+    if not suspects:
+        return decisions
+    injections = [f"--inject-slowdown={t}" for t in args.inject_slowdown]
+    injections += [f"--inject-memory={t}" for t in args.inject_memory]
+    injections += ["--inject-materialise"] if args.inject_materialise else []
+    try:
+        commit = baseline_commit(baseline)
+        print(
+            f"regress: {len(suspects)} cells are still slower; measuring them on the baseline's "
+            f"commit {commit[:10]} and on this tree, {PROCESSES} fresh processes each, "
+            "alternately",
+            flush=True,
+        )
+        old, new = measure_against_commit(commit, suspects, _timing_options(args), injections)
+    except CommitUnavailable as error:
+        print(
+            f"regress: the baseline's commit cannot be measured here ({error}); the time "
+            "regressions stand"
+        )
+        return decisions
+    spreads = group_spreads(baseline.cells)
+    second = decide(old, new, replace(thresholds, alpha=1.0), spreads=spreads)
+    judged = confirm(
+        [d for d in decisions if d.key in suspects],
+        [d for d in second if d.metric in ("time", "status")],
+        how=f"against {commit[:10]} measured here",
+    )
+    rejudged = {(d.key, d.metric): d for d in judged}
+    return [rejudged.get((d.key, d.metric), d) for d in decisions]
+
+
 def _injection_arguments(args: argparse.Namespace) -> list[str]:
     """The run's options that change what is measured, for the reproduce commands."""
     extra = [f"--inject-slowdown {t}" for t in args.inject_slowdown]
@@ -535,6 +612,8 @@ def run(args: argparse.Namespace) -> int:
                     again, settings, implementations, progress=not args.no_progress
                 )
                 decisions = confirm(decisions, decide(baseline.cells, remeasured, thresholds))
+            if not args.update_baseline and not args.no_against_commit:
+                decisions = against_baseline_commit(decisions, baseline, thresholds, args)
     wall = time.perf_counter() - started
     if baseline is not None:
         shown = [d for d in decisions if args.verbose or d.verdict in (REGRESSION, IMPROVEMENT)]

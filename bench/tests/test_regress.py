@@ -13,6 +13,12 @@ import pytest
 from bench import baseline, gate, regress
 from bench.__main__ import main
 from bench.baseline import Baseline, BaselineError, load_baseline, write_baseline
+from bench.baseline_commit import (
+    CommitUnavailable,
+    baseline_commit,
+    mean_of_processes,
+    measure_against_commit,
+)
 from bench.gate import (
     IMPROVEMENT,
     NOT_GATED,
@@ -268,6 +274,17 @@ def test_missing_or_unreadable_baseline(tmp_path):
 # -- the command ---------------------------------------------------------------------------------
 
 
+@pytest.fixture(autouse=True)
+def no_baseline_commit(monkeypatch):
+    """The command's last step (the baseline's commit measured here) is not run by these
+    tests unless one replaces this: a confirmed time regression stands, with the reason."""
+
+    def unavailable(*args, **kwargs):
+        raise CommitUnavailable("not measured in these tests")
+
+    monkeypatch.setattr(regress, "measure_against_commit", unavailable)
+
+
 @pytest.fixture
 def synthetic_runs(monkeypatch):
     """Replace the measurement with synthetic results: ``runs["next"]`` is what it returns."""
@@ -353,6 +370,105 @@ def test_a_burst_that_does_not_repeat_passes(tmp_path, monkeypatch, capsys):
     queue[:] = [burst]
     assert run_gate(tmp_path, "--confirm", "0") == 1  # the first measurement is believed
     assert not queue
+
+
+def test_a_confirmed_slowdown_is_judged_against_the_baseline_commit_measured_here(
+    tmp_path, monkeypatch, capsys
+):
+    """A time regression that repeats is measured on the baseline's commit and on this tree,
+    here: when that commit is as slow here (another host), it is not one; when it is faster,
+    it stands."""
+    monkeypatch.setattr(regress, "measure", lambda *args, **kwargs: [cell()])
+    run_gate(tmp_path, "--update-baseline")
+    slow = cell(ratio=20.0, samples=scaled(cell().ratio_samples, 10))
+    asked = []
+    here = {}
+
+    def against(commit, keys, options, new_options):
+        asked.append((commit, set(keys), list(options), list(new_options)))
+        return [here["old"]], [slow]
+
+    monkeypatch.setattr(regress, "measure", lambda *args, **kwargs: [slow])
+    monkeypatch.setattr(regress, "baseline_commit", lambda baseline: "0123456789abcdef")
+    monkeypatch.setattr(regress, "measure_against_commit", against)
+    here["old"] = slow  # this host makes the old code as slow: not a regression
+    assert run_gate(tmp_path) == 0
+    out = capsys.readouterr().out
+    assert "measuring them on the baseline's commit 0123456789 and on this tree" in out
+    assert "not confirmed: against 0123456789 measured here, x1.00" in out
+    commit, keys, options, new_options = asked[-1]
+    assert keys == {("mlp_mnist", "ghost", "norms", 16)}
+    assert options[options.index("--threads") + 1] == str(regress.GATE_THREADS)
+    assert new_options == []
+    here["old"] = cell()  # the old code is faster here: our code got slower
+    assert run_gate(tmp_path, "--inject-slowdown", "ghost=1.5") == 1
+    assert "confirmed: against 0123456789 measured here, x10.00" in capsys.readouterr().out
+    assert asked[-1][3] == ["--inject-slowdown=ghost=1.5"]  # this tree only
+    assert run_gate(tmp_path, "--no-against-commit") == 1
+    assert "baseline's commit" not in capsys.readouterr().out
+    asked.clear()
+    monkeypatch.setattr(regress, "measure", lambda *args, **kwargs: [cell(flops=2_000_000)])
+    assert run_gate(tmp_path) == 1  # counters are deterministic: no third measurement
+    assert not asked
+
+
+def test_the_mean_over_processes_pools_their_rounds():
+    runs = [[cell(ratio=2.0, samples=(2.0, 2.1))], [cell(ratio=3.0, samples=(3.0, 2.9))]]
+    (merged,) = mean_of_processes(runs)
+    assert merged.ratio == 2.5 and merged.ratio_samples == (2.0, 2.1, 3.0, 2.9)
+    (failing,) = mean_of_processes([[cell()], [cell(status="timeout")]])
+    assert failing.status == "timeout"
+
+
+def test_an_unmeasurable_baseline_commit_leaves_the_regression_standing(
+    tmp_path, synthetic_runs, capsys
+):
+    run_gate(tmp_path, "--update-baseline")
+    synthetic_runs["next"] = [cell(ratio=20.0, samples=scaled(cell().ratio_samples, 10))]
+    assert run_gate(tmp_path) == 1
+    out = capsys.readouterr().out
+    assert "the baseline's commit cannot be measured here" in out
+    assert "the time regressions stand" in out
+
+
+def test_baseline_commit_refuses_what_cannot_be_rebuilt():
+    with pytest.raises(CommitUnavailable, match="records no commit"):
+        baseline_commit(Baseline([cell()], {}, {}))
+    with pytest.raises(CommitUnavailable, match="uncommitted changes"):
+        baseline_commit(Baseline([cell()], {"git_commit": "abc+dirty"}, {}))
+    assert baseline_commit(Baseline([cell()], {"git_commit": "abc"}, {})) == "abc"
+    with pytest.raises(CommitUnavailable, match="git cat-file failed"):
+        measure_against_commit("0" * 40, [("mlp_mnist", "ghost", "norms", 16)], [], [])
+
+
+def _head():
+    import subprocess
+
+    from bench.baseline_commit import REPOSITORY
+
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=REPOSITORY,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+@pytest.mark.skipif(_head() is None, reason="not a git checkout")
+def test_measure_against_commit_runs_each_trees_own_gate():
+    """HEAD unpacked and this tree, one fresh process each, on one cheap cell with this run's
+    timing options; an injection reaches this tree only (real subprocesses, ~15 s)."""
+    key = ("mlp_mnist", "ghost", "norms", 16)
+    options = ["--threads", "1", "--rounds", "2", "--min-run-time", "0.01", "--budget", "5"]
+    injection = ["--inject-memory=ghost=64"]
+    (old,), (new,) = measure_against_commit(_head(), [key], options, injection, processes=1)
+    assert old.key == new.key == key and old.status == new.status == "ok"
+    assert len(old.ratio_samples) == len(new.ratio_samples) == 2
+    assert new.memory_peak_bytes >= old.memory_peak_bytes + 60 * MIB
 
 
 def test_save_writes_the_run(tmp_path, synthetic_runs):

@@ -514,13 +514,18 @@ def test_injection_wraps_only_the_named_implementation(tmp_path, synthetic_runs)
 
 
 def test_update_baseline_measures_repeats_and_records_spreads(tmp_path, monkeypatch, capsys):
+    """Each run in a fresh process (replaced here by synthetic runs)."""
     ratios = iter([2.0, 2.2, 2.1])
 
     def measure(cells, settings, implementations=None, progress=True):
         r = next(ratios)
         return [cell(ratio=r, samples=(r,) * 3)]
 
-    monkeypatch.setattr(regress, "measure", measure)
+    def measure_tree(tree, keys, options):
+        assert tree == regress.REPOSITORY and ("mlp_mnist", "ghost", "norms", 16) in keys
+        return measure(None, None)
+
+    monkeypatch.setattr(regress, "measure_tree", measure_tree)
     assert run_gate(tmp_path, "--update-baseline", "--repeat", "3") == 0
     (written,) = load_baseline(tmp_path / "b.json").cells
     assert written.spread == pytest.approx(1.1) and len(written.ratio_samples) == 9

@@ -26,11 +26,10 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Iterable, Sequence
-from dataclasses import replace
 from pathlib import Path
 
 from bench.baseline import Baseline, BaselineError, load_baseline, write_baseline
-from bench.gate import CellResult
+from bench.gate import CellResult, merge_repeats
 
 #: the repository this package lives in
 REPOSITORY = Path(__file__).resolve().parents[1]
@@ -139,29 +138,6 @@ def measure_tree(
     return [c for c in cells if c.key in keys]
 
 
-def mean_of_processes(runs: Sequence[Sequence[CellResult]]) -> list[CellResult]:
-    """One cell per key from runs in separate processes: the mean of their time ratios and all
-    their rounds. A cell not ok in every run keeps its first failing row."""
-    by_key: dict[tuple, list[CellResult]] = {}
-    for run in runs:
-        for cell in run:
-            by_key.setdefault(cell.key, []).append(cell)
-    merged = []
-    for cells in by_key.values():
-        failing = [c for c in cells if c.status != "ok" or c.ratio is None]
-        if failing:
-            merged.append(failing[0])
-            continue
-        merged.append(
-            replace(
-                cells[0],
-                ratio=statistics.fmean(c.ratio for c in cells),
-                ratio_samples=tuple(x for c in cells for x in c.ratio_samples),
-            )
-        )
-    return merged
-
-
 def measure_against_commit(
     commit: str,
     keys: Iterable[tuple[str, str, str, int]],
@@ -171,8 +147,9 @@ def measure_against_commit(
 ) -> tuple[list[CellResult], list[CellResult]]:
     """(the baseline's commit, this tree): the cells ``keys`` measured ``processes`` times each
     in fresh processes, alternately, on this machine; each side the mean over its processes
-    (``mean_of_processes``). ``options``: timing options of both; ``new_options``: added for
-    this tree only (the self-tests' injections). CommitUnavailable when any step fails."""
+    and all their rounds (``merge_repeats``). ``options``: timing options of both;
+    ``new_options``: added for this tree only (the self-tests' injections). CommitUnavailable
+    when any step fails."""
     keys = set(keys)
     old_runs, new_runs = [], []
     with tempfile.TemporaryDirectory(prefix="pegbench-baseline-commit-") as scratch:
@@ -182,4 +159,4 @@ def measure_against_commit(
         for _ in range(processes):
             old_runs.append(measure_tree(tree, keys, options))
             new_runs.append(measure_tree(REPOSITORY, keys, [*options, *new_options]))
-    return mean_of_processes(old_runs), mean_of_processes(new_runs)
+    return merge_repeats(old_runs, statistics.fmean), merge_repeats(new_runs, statistics.fmean)

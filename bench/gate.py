@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from correctness.cli import text_table
@@ -364,11 +364,13 @@ def _seen(decision: Decision) -> str:
 # -- a baseline from several runs ------------------------------------------------------------
 
 
-def merge_repeats(runs: Sequence[Sequence[CellResult]]) -> list[CellResult]:
-    """One baseline from several runs of the same cells: per cell the median of the runs'
-    ratios, all their rounds (for the rank test) and the run-to-run ``spread`` (largest ratio
-    over smallest, which sets the cell's time threshold); counters and memory from the median
-    run.
+def merge_repeats(
+    runs: Sequence[Sequence[CellResult]], centre: Callable = statistics.median
+) -> list[CellResult]:
+    """One baseline from several runs of the same cells: per cell the ``centre`` (median) of the
+    runs' ratios, all their rounds (for the rank test) and the run-to-run ``spread`` (largest
+    ratio over smallest, which sets the cell's time threshold); counters and memory from the
+    median run.
     A cell not ok in every run keeps the first run's failing row (it is not gated)."""
     by_key: dict[tuple, list[CellResult]] = {}
     for run in runs:
@@ -388,7 +390,7 @@ def merge_repeats(runs: Sequence[Sequence[CellResult]]) -> list[CellResult]:
         merged.append(
             replace(
                 middle,
-                ratio=statistics.median(ratios),
+                ratio=centre(ratios),
                 ratio_samples=tuple(x for c in cells for x in c.ratio_samples),
                 spread=spread,
             )

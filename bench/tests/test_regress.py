@@ -6,6 +6,7 @@ model, and one short end-to-end run on the fake case of known cost."""
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,6 @@ from bench.baseline import Baseline, BaselineError, load_baseline, write_baselin
 from bench.baseline_commit import (
     CommitUnavailable,
     baseline_commit,
-    mean_of_processes,
     measure_against_commit,
 )
 from bench.gate import (
@@ -414,9 +414,9 @@ def test_a_confirmed_slowdown_is_judged_against_the_baseline_commit_measured_her
 
 def test_the_mean_over_processes_pools_their_rounds():
     runs = [[cell(ratio=2.0, samples=(2.0, 2.1))], [cell(ratio=3.0, samples=(3.0, 2.9))]]
-    (merged,) = mean_of_processes(runs)
+    (merged,) = gate.merge_repeats(runs, statistics.fmean)
     assert merged.ratio == 2.5 and merged.ratio_samples == (2.0, 2.1, 3.0, 2.9)
-    (failing,) = mean_of_processes([[cell()], [cell(status="timeout")]])
+    (failing,) = gate.merge_repeats([[cell()], [cell(status="timeout")]], statistics.fmean)
     assert failing.status == "timeout"
 
 
@@ -442,20 +442,10 @@ def test_baseline_commit_refuses_what_cannot_be_rebuilt():
 
 
 def _head():
-    import subprocess
+    from bench.environment import git_commit
 
-    from bench.baseline_commit import REPOSITORY
-
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=REPOSITORY,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
+    commit = git_commit()
+    return None if commit is None else commit.removesuffix("+dirty")
 
 
 @pytest.mark.skipif(_head() is None, reason="not a git checkout")

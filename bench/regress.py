@@ -24,7 +24,7 @@ one side only, are listed, not gated. The exit code is 1 on any regression, 0 ot
 for bad arguments or a missing baseline).
 
 Regenerate the baseline on a quiet machine with (it measures the gate ``--repeat`` times, 3 by
-default, to find each cell's spread)::
+default, each in a fresh process, to find each cell's spread)::
 
     python -m bench regress --update-baseline
 

@@ -8,11 +8,13 @@ measured Opacus's ghost clipping on the LSTM at x1.30 and again at x1.25 its bas
 Opacus and our adapter unchanged, while the same cell passed on the machine that wrote it.
 
 So a time regression that survived its second measurement is measured a third way before it
-fails the gate: the commit the baseline was written at is unpacked (``git archive``) into a
-temporary directory and that commit's own ``python -m bench regress --save`` measures the suspect
-cells on this machine, then this tree measures them again. The regression stands only when this
-tree is slower than the old commit, here, by more than the cell's threshold (and the rank test
-agrees): a slowdown of our code shows on any host, a host's difference does not.
+fails the gate (``measure_against_commit``): the commit the baseline was written at is unpacked
+(``git archive``) into a temporary directory, and that commit's own gate and this tree's each
+measure the suspect cells in ``PROCESSES`` fresh processes, alternately (``measure_tree``: a
+tree's ``python -m bench regress --save``). The regression stands only when this tree's mean over
+its processes is slower than the old commit's, here, by more than the cell's threshold: a
+slowdown of our code shows on any host, a host's difference does not. ``measure_tree`` also
+measures the baseline's repeated runs (``--update-baseline``), each in a fresh process.
 
 Where the commit cannot be measured (not recorded, recorded with uncommitted changes, not in
 this clone, no git, or its command fails) the regression stands and the reason is printed.
@@ -119,7 +121,8 @@ def measure_tree(
             "--save",
             str(saved),
         ]
-        environment = dict(os.environ, PYTHONPATH=str(tree))
+        path = os.pathsep.join(p for p in (str(tree), os.environ.get("PYTHONPATH")) if p)
+        environment = dict(os.environ, PYTHONPATH=path)
         try:
             done = subprocess.run(
                 command, cwd=tree, env=environment, capture_output=True, text=True, timeout=timeout

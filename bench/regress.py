@@ -515,9 +515,6 @@ def against_baseline_commit(
     suspects = {d.key for d in regressions(decisions) if d.metric == "time"}
     if not suspects:
         return decisions
-    injections = [f"--inject-slowdown={t}" for t in args.inject_slowdown]
-    injections += [f"--inject-memory={t}" for t in args.inject_memory]
-    injections += ["--inject-materialise"] if args.inject_materialise else []
     try:
         commit = baseline_commit(baseline)
         print(
@@ -526,7 +523,9 @@ def against_baseline_commit(
             "alternately",
             flush=True,
         )
-        old, new = measure_against_commit(commit, suspects, _timing_options(args), injections)
+        old, new = measure_against_commit(
+            commit, suspects, _timing_options(args), _injections(args)
+        )
     except CommitUnavailable as error:
         print(
             f"regress: the baseline's commit cannot be measured here ({error}); the time "
@@ -544,11 +543,16 @@ def against_baseline_commit(
     return [rejudged.get((d.key, d.metric), d) for d in decisions]
 
 
+def _injections(args: argparse.Namespace) -> list[str]:
+    """The run's self-test injections as options (``--inject-slowdown=ghost=1.5``)."""
+    options = [f"--inject-slowdown={t}" for t in args.inject_slowdown]
+    options += [f"--inject-memory={t}" for t in args.inject_memory]
+    return options + (["--inject-materialise"] if args.inject_materialise else [])
+
+
 def _injection_arguments(args: argparse.Namespace) -> list[str]:
     """The run's options that change what is measured, for the reproduce commands."""
-    extra = [f"--inject-slowdown {t}" for t in args.inject_slowdown]
-    extra += [f"--inject-memory {t}" for t in args.inject_memory]
-    extra += ["--inject-materialise"] if args.inject_materialise else []
+    extra = [option.replace("=", " ", 1) for option in _injections(args)]
     extra += ["--no-time"] if args.no_time else []
     if args.baseline is not None:
         extra.append(f"--baseline {args.baseline}")

@@ -392,6 +392,10 @@ COMMANDS: dict[str, Command] = {
 }
 
 
+#: the commands that time calls: glibc malloc's thresholds are pinned before they run
+TIMED = ("sweep", "regress", "compare", "floor")
+
+
 def _parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     parser = cli.Parser(
         prog="python -m bench",
@@ -402,6 +406,13 @@ def _parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentPars
     for name, command in COMMANDS.items():
         subparsers[name] = commands.add_parser(name, help=command.help, description=command.help)
         command.add_arguments(subparsers[name])
+        if name in TIMED:
+            subparsers[name].add_argument(
+                "--default-malloc",
+                action="store_true",
+                help="leave glibc malloc's adaptive thresholds as they are (by default they are "
+                "pinned for every measurement: bench/allocator.py)",
+            )
     return parser, subparsers
 
 
@@ -430,6 +441,10 @@ def main(argv: list[str] | None = None) -> int:
         args = parse_and_validate(argv)
     except cli.UsageError as error:
         return cli.fail(error)
+    if args.command in TIMED and not args.default_malloc:
+        from bench import allocator
+
+        allocator.pin()
     return COMMANDS[args.command].run(args)
 
 

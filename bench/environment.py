@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from bench import allocator
+
 _PACKAGES = ("torch", "opacus", "backpack-for-pytorch", "numpy", "pandas", "memray")
 
 
@@ -74,6 +76,7 @@ def describe(device: str, threads: int) -> dict:
         "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
         "threads": threads,
+        "malloc": allocator.state(),
         "memory_available_bytes": available_memory_bytes(),
         "git_commit": git_commit(),
     }

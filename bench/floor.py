@@ -11,9 +11,10 @@ For a model, a batch and a quantity (norms or a Gram matrix) the floor is the su
 - the **reductions**: for each parameter group (a layer's weight and bias, a tied parameter's
   uses), the time of its reduction alone on factors captured beforehand, in the fastest exact
   form available for it: each group is reduced in every form the factors offer (factored,
-  materialised in tiles, token-match for embeddings), and the fastest is kept. Activations a
-  layer builds on first use (a convolution's patches, ``impls.factors.Unbuilt``) count as
-  captured: the untimed first call of a form that needs them builds them, and they are kept.
+  materialised in tiles, token-match for embeddings), and the fastest is kept. The factors are
+  what the backward delivers: activations a layer builds on first use from its input (a
+  convolution's patches, ``impls.factors.Unbuilt``) are built inside every timed call of a form
+  that needs them, as any method reducing from the captured input must build them.
 
 :func:`floor_step` is one zero-argument callable doing both, which the sweep times interleaved
 with the plain step like any implementation (``implementation == "floor"``); its forms are
@@ -143,9 +144,9 @@ def captured_groups(model, loss_fn, batch) -> list[dict]:
 
 def uncached(factors: Any, memo: dict | None = None) -> Any:
     """A copy of factors without what an earlier reduction cached on them (an embedding's
-    entries, a bias's gradient sums): every timed reduction starts from what the backward
-    delivers. Factors shared within a group stay shared (``memo``)."""
-    from impls.factors import Factors
+    entries, a bias's gradient sums, a convolution's patches): every timed reduction starts from
+    what the backward delivers. Factors shared within a group stay shared (``memo``)."""
+    from impls.factors import Factors, Unbuilt
 
     memo = {} if memo is None else memo
     if not dataclasses.is_dataclass(factors) or isinstance(factors, type):
@@ -159,7 +160,7 @@ def uncached(factors: Any, memo: dict | None = None) -> Any:
         value = getattr(factors, f.name)
         if f.name.startswith("_"):
             changes[f.name] = f.default
-        elif isinstance(value, Factors):
+        elif isinstance(value, (Factors, Unbuilt)):
             changes[f.name] = uncached(value, memo)
         elif isinstance(value, (list, tuple)) and any(isinstance(v, Factors) for v in value):
             changes[f.name] = type(value)(uncached(v, memo) for v in value)

@@ -217,6 +217,7 @@ def _environment_line(environment: dict, rows: pd.DataFrame | None = None) -> st
         f"backpack {versions.get('backpack-for-pytorch')}",
         f"CPU {environment.get('cpu')} ({environment.get('cpu_count')} cores)",
         f"threads: {environment.get('threads')}",
+        f"malloc: {environment.get('malloc', 'not recorded')}",
     ]
     if environment.get("gpu"):
         parts.append(f"GPU {environment['gpu'].get('name')}")

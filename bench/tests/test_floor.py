@@ -73,6 +73,20 @@ def test_uncached_copies_drop_caches_and_keep_sharing():
     torch.testing.assert_close(group["b"].sums(), bias.sums())
 
 
+def test_uncached_copies_rebuild_a_convolutions_patches_from_its_input():
+    from impls.layers.conv import Patches
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 1, 3, 6, 6, generator=gen)  # [n, rows, C, H, W]
+    patches = Patches(x, (3, 3), (1, 1), (1, 1), (1, 1), 1)
+    outer = Outer(torch.randn(2, 1, 36, 4, generator=gen), patches, (4, 3, 3, 3))
+    built = patches.build()
+    copy = floor.uncached(outer)
+    assert copy.source is not patches and copy.source.built is None
+    assert copy.source.input is x  # the captured input is shared, not copied
+    torch.testing.assert_close(copy.activations, built)
+
+
 def test_hopeless_forms_are_those_every_decision_prices_far_above_the_other():
     assert floor.hopeless([(100.0, 1.0)], "factored")
     assert not floor.hopeless([(100.0, 1.0), (1.0, 100.0)], "factored")

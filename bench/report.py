@@ -348,7 +348,8 @@ def render(frame: pd.DataFrame, environments: dict[str, dict], plots: dict) -> s
         "**Floor** = what any exact per-layer method pays on that model and batch "
         "(`bench/floor.py`): a forward and a backward to the outputs of every parameter use "
         "(no parameter gradient), plus each parameter group's reduction alone, on factors "
-        "captured beforehand, in its fastest exact form. `(1.05x floor)` beside a time is the "
+        "captured beforehand (a convolution's input; its patches are built inside the "
+        "reduction), in its fastest exact form. `(1.05x floor)` beside a time is the "
         "implementation's time as a multiple of the floor measured beside it.",
         "",
     ]

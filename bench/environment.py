@@ -46,14 +46,15 @@ def available_memory_bytes() -> int | None:
 
 
 def git_commit(root: Path | None = None) -> str | None:
-    """HEAD's hash, with '+dirty' when tracked files differ from it; None outside git."""
+    """HEAD's hash, with '+dirty' when tracked files other than the measurements (``results/``,
+    which a sweep itself rewrites) differ from it; None outside git."""
     root = root or Path(__file__).resolve().parent.parent
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!results"],
             cwd=root,
             capture_output=True,
             text=True,

@@ -441,6 +441,29 @@ def test_baseline_commit_refuses_what_cannot_be_rebuilt():
         measure_against_commit("0" * 40, [("mlp_mnist", "ghost", "norms", 16)], [], [])
 
 
+def test_the_recorded_commit_is_dirty_for_code_changes_not_for_the_measurements(tmp_path):
+    """A sweep rewrites results/ as it goes: that does not make the code it measured dirty."""
+    import subprocess
+
+    from bench.environment import git_commit
+
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "cells.csv").write_text("a\n")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    git("init", "-q")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "one")
+    clean = git_commit(tmp_path)
+    assert clean is not None and not clean.endswith("+dirty")
+    (tmp_path / "results" / "cells.csv").write_text("b\n")
+    assert git_commit(tmp_path) == clean
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert git_commit(tmp_path) == clean + "+dirty"
+
+
 def _head():
     from bench.environment import git_commit
 

@@ -106,19 +106,20 @@ class LSTMCells(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, gates, h0, c0, w_hh, acts, cells, tanh_c, states):
-        ctx.save_for_backward(acts, cells, tanh_c, w_hh)
+        ctx.save_for_backward(acts, cells, tanh_c, states, w_hh)
         ctx.dtypes = h0.dtype, c0.dtype
         return states[1:].transpose(0, 1), cells[-1].clone()
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_h, grad_c):
-        acts, cells, tanh_c, w_hh = ctx.saved_tensors
+        acts, cells, tanh_c, states, w_hh = ctx.saved_tensors
         # the gates' dtype: under autocast the forward multiplied by W_hh cast to it, and this
         # backward runs outside autocast
         w_hh = w_hh.to(acts.dtype)
         with torch._C.DisableTorchFunction():  # plain kernels, whatever mode is active
-            grad_gates, grad_c0 = _through_time(acts, cells, tanh_c, w_hh, grad_h, grad_c)
+            grad_gates, grad_c0 = _through_time(acts, cells, tanh_c, states, w_hh, grad_h,
+                                                grad_c)  # fmt: skip
             # h_0's gradient through the first step's hidden product, when h_0 needs one
             grad_h0 = torch.mm(grad_gates[:, 0], w_hh) if ctx.needs_input_grad[1] else None
         dtype_h, dtype_c = ctx.dtypes
@@ -126,16 +127,17 @@ class LSTMCells(torch.autograd.Function):
         return grad_gates, grad_h0, grad_c0.to(dtype_c), None, None, None, None, None
 
 
-def _through_time(acts, cells, tanh_c, w_hh, grad_h, grad_c):
+def _through_time(acts, cells, tanh_c, states, w_hh, grad_h, grad_c):
     """(gate gradients [n, T, 4H], gradient of c_0 [n, H]) from :func:`_forward_scan`'s ``acts``,
-    ``cells`` and ``tanh_c`` and the gradients of the hidden states [n, T, H] and of c_T [n, H]
-    (either None: zero)."""
+    ``cells``, ``tanh_c`` and ``states`` and the gradients of the hidden states [n, T, H] and of
+    c_T [n, H] (either None: zero)."""
     steps, _, n, hidden = acts.shape
     i, f, g, o = acts.unbind(1)
+    h = states[1:]  # h_t = o_t tanh c_t
     # what does not depend on the recurrence, for every step at once (x - x*y as one addcmul,
-    # written where it is read: ten passes over [T, n, H] instead of nineteen)
-    through_h = torch.addcmul(o, o, tanh_c * tanh_c, value=-1)  # dc_t += dh_t * through_h_t
-    to_o = torch.addcmul(o, o, o, value=-1).mul_(tanh_c)  # dgate_o = dh_t * to_o_t
+    # written where it is read, h_t standing for o_t tanh c_t: eight passes over [T, n, H])
+    through_h = torch.addcmul(o, h, tanh_c, value=-1)  # o(1 - tanh² c): dc_t += dh_t * this
+    to_o = torch.addcmul(h, o, h, value=-1)  # o(1 - o) tanh c: dgate_o = dh_t * this
     to_ifg = acts.new_empty(steps, n, 3, hidden)  # dgate_{i,f,g} = dc_t * to_ifg_t
     torch.addcmul(i, i, i, value=-1, out=to_ifg[:, :, 0]).mul_(g)  # i(1 - i) g
     torch.addcmul(f, f, f, value=-1, out=to_ifg[:, :, 1]).mul_(cells[:-1])  # f(1 - f) c_{t-1}

@@ -487,10 +487,11 @@ def measure_in_fresh_processes(cells: Sequence, repeats: int, args: argparse.Nam
     process and keep it for the process's life, so a spread measured within one process sets
     thresholds that a fresh process (CI's) can exceed with unchanged code."""
     keys = {(c.case.name, c.implementation, c.quantity, c.batch_size) for c in cells}
+    options = [*_timing_options(args), *_malloc(args), *_injections(args)]
     runs = []
     for k in range(1, repeats + 1):
         started = time.perf_counter()
-        runs.append(measure_tree(REPOSITORY, keys, _timing_options(args)))
+        runs.append(measure_tree(REPOSITORY, keys, options))
         print(
             f"regress: run {k}/{repeats} in a fresh process: {len(runs[-1])} cells "
             f"({time.perf_counter() - started:.0f} s)",
@@ -523,8 +524,15 @@ def against_baseline_commit(
             "alternately",
             flush=True,
         )
+        # --default-malloc reaches the old tree only if it knows it (its baseline records the
+        # allocator); an older tree never fixes the thresholds, and inherits them when this
+        # process fixed them (bench.allocator exports them)
+        known = "malloc" in baseline.environment
         old, new = measure_against_commit(
-            commit, suspects, _timing_options(args), _injections(args)
+            commit,
+            suspects,
+            [*_timing_options(args), *(_malloc(args) if known else [])],
+            [*_injections(args), *([] if known else _malloc(args))],
         )
     except CommitUnavailable as error:
         print(
@@ -541,6 +549,12 @@ def against_baseline_commit(
     )
     rejudged = {(d.key, d.metric): d for d in judged}
     return [rejudged.get((d.key, d.metric), d) for d in decisions]
+
+
+def _malloc(args: argparse.Namespace) -> list[str]:
+    """``--default-malloc`` when this run has it, for the processes it starts to measure alike
+    (by default they fix the allocator's thresholds, as this process did)."""
+    return ["--default-malloc"] if args.default_malloc else []
 
 
 def _injections(args: argparse.Namespace) -> list[str]:
@@ -593,12 +607,10 @@ def run(args: argparse.Namespace) -> int:
     )
     started = time.perf_counter()
     with always_materialise(args.inject_materialise):
-        runs = []
         if repeats > 1:  # each run in a fresh process: the spread sees the processes' levels
-            runs = measure_in_fresh_processes(cells, repeats, args)
+            results = merge_repeats(measure_in_fresh_processes(cells, repeats, args))
         else:
-            runs.append(measure(cells, settings, implementations, progress=not args.no_progress))
-        results = merge_repeats(runs) if repeats > 1 else runs[0]
+            results = measure(cells, settings, implementations, progress=not args.no_progress)
         wall = time.perf_counter() - started
         info = environment.describe(args.device, settings.threads)
         measured = Baseline(

@@ -412,6 +412,41 @@ def test_a_confirmed_slowdown_is_judged_against_the_baseline_commit_measured_her
     assert not asked
 
 
+def test_default_malloc_reaches_the_processes_a_run_starts(tmp_path, monkeypatch):
+    """--default-malloc goes to the fresh-process runs of --update-baseline, and to the baseline's
+    commit only when that tree knows it (its baseline records the allocator); otherwise to this
+    tree's processes alone."""
+    seen = []
+
+    def measure_tree(tree, keys, options):
+        seen.append(list(options))
+        return [cell()]
+
+    monkeypatch.setattr(regress, "measure_tree", measure_tree)
+    assert run_gate(tmp_path, "--update-baseline", "--repeat", "2", "--default-malloc") == 0
+    assert len(seen) == 2 and all("--default-malloc" in options for options in seen)
+    asked = []
+
+    def against(commit, keys, options, new_options):
+        asked.append((list(options), list(new_options)))
+        return [cell()], [cell()]
+
+    monkeypatch.setattr(regress, "measure", lambda *a, **k: [cell(ratio=20.0, samples=scaled(
+        cell().ratio_samples, 10))])  # fmt: skip
+    monkeypatch.setattr(regress, "baseline_commit", lambda baseline: "0123456789abcdef")
+    monkeypatch.setattr(regress, "measure_against_commit", against)
+    assert run_gate(tmp_path, "--default-malloc") == 0
+    assert "--default-malloc" in asked[-1][0] and asked[-1][1] == []
+    path = tmp_path / "b.json"
+    written = json.loads(path.read_text())
+    del written["environment"]["malloc"]  # a baseline from before bench.allocator
+    path.write_text(json.dumps(written))
+    assert run_gate(tmp_path, "--default-malloc") == 0
+    assert "--default-malloc" not in asked[-1][0] and asked[-1][1] == ["--default-malloc"]
+    assert run_gate(tmp_path) == 0
+    assert "--default-malloc" not in asked[-1][0] + asked[-1][1]
+
+
 def test_the_mean_over_processes_pools_their_rounds():
     runs = [[cell(ratio=2.0, samples=(2.0, 2.1))], [cell(ratio=3.0, samples=(3.0, 2.9))]]
     (merged,) = gate.merge_repeats(runs, statistics.fmean)

@@ -33,10 +33,13 @@ QUICK = dict(
     batch_sizes=[16, 64],  # per case, those not above the case's default ladder
     low_precision_batch_sizes=[16],  # bench.cases.LOW_PRECISION's cells in the quick sweep
     rounds=2,
+    noisy_rounds=0,
     min_run_time=0.05,
     budget=10.0,
 )
 DEFAULT_ROUNDS, DEFAULT_MIN_RUN_TIME, DEFAULT_BUDGET = 3, 0.1, 10.0
+#: rounds a noisy cell may add within its budget (``bench.sweep.Settings.noisy_rounds``)
+DEFAULT_NOISY_ROUNDS = 6
 
 
 def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
@@ -85,6 +88,14 @@ def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
         type=cli.ROUNDS,
         default=None,
         help=f"interleaved timing rounds per cell (default {DEFAULT_ROUNDS})",
+    )
+    parser.add_argument(
+        "--noisy-rounds",
+        type=cli.whole(0),
+        default=None,
+        help="rounds a cell adds, at most, while its call's or plain step's IQR is above 10%% of "
+        f"the median and its budget has room (default {DEFAULT_NOISY_ROUNDS}; quick "
+        f"{QUICK['noisy_rounds']})",
     )
     parser.add_argument(
         "--min-run-time",
@@ -170,6 +181,7 @@ def settings_from(args):
     return Settings(
         threads=args.threads or torch.get_num_threads(),
         rounds=pick(args.rounds, DEFAULT_ROUNDS, QUICK["rounds"]),
+        noisy_rounds=pick(args.noisy_rounds, DEFAULT_NOISY_ROUNDS, QUICK["noisy_rounds"]),
         min_run_time=pick(args.min_run_time, DEFAULT_MIN_RUN_TIME, QUICK["min_run_time"]),
         budget_s=pick(args.budget, DEFAULT_BUDGET, QUICK["budget"]),
         check=not args.no_check,

@@ -336,7 +336,8 @@ def render(frame: pd.DataFrame, environments: dict[str, dict], plots: dict) -> s
         "`loss.sum().backward()` on the same model and batch, timed interleaved in the same "
         "process (torch.utils.benchmark `blocked_autorange`). "
         f"`{NOISY_MARK}`: IQR above {NOISY_RELATIVE_IQR:.0%} of the median for the call or the "
-        "plain step. **Memory ratio** = peak memory of one call above its baseline (CPU: heap "
+        "plain step (after the rounds a noisy cell adds within its budget, `--noisy-rounds`). "
+        "**Memory ratio** = peak memory of one call above its baseline (CPU: heap "
         "peak read by memray; CUDA: `max_memory_allocated`) / the same for the plain step.",
         "",
         "**Correct** = the implementation's answer on an 8-example batch of the same bench "

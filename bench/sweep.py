@@ -57,6 +57,10 @@ MIN_CALLS_PER_CELL = 4
 #: wall seconds one memory reading costs beyond the call (memray's tracker and reader)
 MEMORY_READING_OVERHEAD_S = 0.2
 
+#: a noisy cell's extra round is run only if the budget left holds this many of its longest
+#: round (and the memory reading): the cell's alarm must not cut it
+ROOM_MARGIN = 2.0
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -64,6 +68,9 @@ class Settings:
 
     threads: int = field(default_factory=torch.get_num_threads)
     rounds: int = 3  # interleaved blocked_autorange rounds per side
+    #: rounds added, at most, while the call's or the plain step's IQR is above
+    #: ``bench.timing.NOISY_RELATIVE_IQR`` and the cell's budget has room for another
+    noisy_rounds: int = 0
     min_run_time: float = 0.1  # seconds per blocked_autorange round
     budget_s: float = 10.0  # wall seconds one cell may take
     check: bool = True  # check each (case, implementation, quantity) against the oracle
@@ -549,12 +556,19 @@ class Sweep:
                         f"one call takes {call_s:.3g} s and a plain step {plain_s:.3g} s: "
                         f"a round of timing does not fit the {budget:g} s budget"
                     )
+
+                def room(round_s: float) -> bool:  # another round, and the memory reading
+                    left = budget - (time.perf_counter() - started)
+                    return left - memory_cost > ROOM_MARGIN * round_s
+
                 with time_limit(remaining(), over_budget):
                     call_stats, plain_stats = interleaved(
                         call,
                         plain,
                         threads=s.threads,
                         rounds=rounds,
+                        noisy_rounds=s.noisy_rounds,
+                        room=room,
                         min_run_time=s.min_run_time,
                         device=cell.device,
                         clock=s.clock,

@@ -106,9 +106,16 @@ def interleaved(
     label: str = "",
     sub_label: str = "",
     description: str = "",
+    noisy_rounds: int = 0,
+    room: Callable[[float], bool] | None = None,
 ) -> tuple[Stats, Stats]:
     """Time ``call`` and ``plain`` in ``rounds`` alternating blocked_autorange runs, on
     ``clock`` ("wall" or "cpu", see ``CLOCKS``).
+
+    While either side is noisy (``Stats.noisy``), up to ``noisy_rounds`` more rounds are run,
+    each only if ``room(s)`` says another round fits, ``s`` the wall seconds the longest round
+    so far took (a caller's budget; None: always). A round's spread on a busy machine is what
+    the median of more rounds outlasts; a side that stays noisy is reported as such.
 
     Only ``call()`` / ``plain()`` are inside the timed statements; build their arguments
     beforehand (e.g. with ``functools.partial``). Returns (call stats, plain stats).
@@ -128,13 +135,31 @@ def interleaved(
 
     call_timer, plain_timer = timer(call, "call"), timer(plain, "plain")
     measured: dict[str, list[Measurement]] = {"call": [], "plain": []}
-    for index in range(max(1, rounds)):
+    longest = 0.0
+
+    def one_round(index: int) -> None:
+        nonlocal longest
+        start = timeit.default_timer()
         order = [("call", call_timer), ("plain", plain_timer)]
         for name, t in order if index % 2 == 0 else reversed(order):
             measured[name].append(t.blocked_autorange(min_run_time=min_run_time))
-    (call_m,) = Measurement.merge(measured["call"])
-    (plain_m,) = Measurement.merge(measured["plain"])
-    return Stats.of(call_m, measured["call"]), Stats.of(plain_m, measured["plain"])
+        longest = max(longest, timeit.default_timer() - start)
+
+    def merged() -> tuple[Stats, Stats]:
+        (call_m,) = Measurement.merge(measured["call"])
+        (plain_m,) = Measurement.merge(measured["plain"])
+        return Stats.of(call_m, measured["call"]), Stats.of(plain_m, measured["plain"])
+
+    base = max(1, rounds)
+    for index in range(base):
+        one_round(index)
+    stats = merged()
+    for index in range(base, base + max(0, noisy_rounds)):
+        if not (stats[0].noisy or stats[1].noisy) or (room is not None and not room(longest)):
+            break
+        one_round(index)
+        stats = merged()
+    return stats
 
 
 #: seconds to wait before trying again when the alarm finds an import in progress

@@ -40,6 +40,7 @@ _hook_dicts = operator.itemgetter(*_MODULE_DICTS)
 
 @contextlib.contextmanager
 def preserved_model(model: nn.Module):
+    """Yields the model's parameters (each once, trainable or not)."""
     # Costs a few Python steps per module and parameter (it runs on every call, and a small
     # model's whole step takes a few hundred microseconds): each module's dict and its hook
     # dicts are written back whole on exit (C-level clear and update, cheaper than comparing
@@ -65,7 +66,7 @@ def preserved_model(model: nn.Module):
     copies = {id(p): p.detach().clone() for p in _written_in_forward(modules)}
     changed: list[tuple[torch.Tensor, bool]] = []
     try:
-        yield
+        yield list(params.values())
     finally:
         for p, version in versions:
             if p._version != version:

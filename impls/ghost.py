@@ -50,8 +50,10 @@ class Ghost(Implementation):
             norms.update(groups.squared_norms(group))
 
         parameter_factors(side, loss_fn, create_graph, consume)
-        zeros = torch.zeros(side.batch_size, dtype=side.result_dtype, device=side.device)
-        return {name: norms.get(name, zeros) for name in side.params}
+        if len(norms) < len(side.params):  # parameters the loss does not reach
+            zeros = torch.zeros(side.batch_size, dtype=side.result_dtype, device=side.device)
+            return {name: norms.get(name, zeros) for name in side.params}
+        return {name: norms[name] for name in side.params}
 
     def _factor_groups(self, side, loss_fn):
         found: list = []

@@ -34,7 +34,10 @@ def accumulating(*groups: dict[str, Factors]) -> tuple[dict[str, Factors], ...]:
     """The groups with every factor in the accumulation dtype of all of them (at least
     float32); factors that are in it already are returned as they are."""
     tensors = [t for group in groups for f in group.values() for t in f.tensors()]
-    dtype = accumulation_dtype(t.dtype for t in tensors)
+    dtypes = {t.dtype for t in tensors}
+    dtype = accumulation_dtype(dtypes)
+    if dtypes == {dtype}:  # float32 or float64 throughout: nothing to convert
+        return groups
     converted: dict = {}  # shared: a bias's sums keep pointing at its converted weight
     return tuple({n: f.to(dtype, converted) for n, f in group.items()} for group in groups)
 
@@ -43,7 +46,7 @@ def _exact(group: dict[str, Factors]):
     """No autocast around the products (the caller's, when called outside an implementation)."""
     for factors in group.values():
         for t in factors.tensors():
-            return without_autocast(t.device.type)
+            return without_autocast("cpu" if t.is_cpu else t.device.type)
     return contextlib.nullcontext()
 
 

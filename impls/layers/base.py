@@ -152,7 +152,7 @@ def require_first_dimension(use: Use, what: str) -> None:
 
 def flatten_positions(x: Tensor) -> Tensor:
     """[n, rows, *, f] -> [n, t, f]: every dimension but the first and last becomes a position."""
-    return x.reshape(x.shape[0], -1, x.shape[-1])
+    return x if x.dim() == 3 else x.reshape(x.shape[0], -1, x.shape[-1])
 
 
 def weight_of(binding: Binding, role: str) -> Tensor | None:

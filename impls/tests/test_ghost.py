@@ -673,3 +673,28 @@ def _counted(function, calls: list):
         return function(*args, **kwargs)
 
     return counted
+
+
+class NeverCalled(nn.Module):
+    """``spare`` is trainable but never called: its per-example gradients are zero."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Linear(4, 3)
+        self.spare = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def test_a_parameter_never_used_has_zero_norms():
+    torch.manual_seed(0)
+    model, batch = NeverCalled().double(), (torch.randn(5, 4, dtype=DOUBLE), torch.arange(5) % 3)
+    got = impls.get("ghost").norms(model, _ce, batch, per_param=True)
+    want = impls.get("naive").norms(model, _ce, batch, per_param=True)
+    assert list(got) == list(want) == ["body.weight", "body.bias", "spare.weight", "spare.bias"]
+    for name in want:
+        torch.testing.assert_close(got[name], want[name])
+    assert not got["spare.weight"].any() and not got["spare.bias"].any()
+    total = impls.get("ghost").norms(model, _ce, batch)
+    torch.testing.assert_close(total, impls.get("naive").norms(model, _ce, batch))

@@ -112,13 +112,11 @@ def test_a_noisy_cell_adds_rounds_only_within_its_budget(tmp_path):
     settings = Settings(threads=1, rounds=1, noisy_rounds=50, min_run_time=0.1, budget_s=1.5)
     results = ResultStore(tmp_path / "cpu")
     runner = Sweep(results, settings, {"jittery": fake}, progress=False)
-    start = time.perf_counter()
     (row,) = runner.run(plan([FAKE_CASE], ["jittery"], batch_sizes=(16,), quantities=["norms"]))
-    took = time.perf_counter() - start
-    # 50 more rounds of >= 0.2 s would blow the 1.5 s budget: the cell stops adding them
+    # 50 more rounds of >= 0.2 s would blow the 1.5 s budget (a timeout row): the cell stops
+    # adding them while the alarm is still far
     assert row["status"] == "ok", row["reason"]
     assert 1 <= len(row["round_ratios"]) < 10
-    assert took < 3 * settings.budget_s  # the oracle check and the memory reading included
 
 
 def test_failures_become_rows_and_the_sweep_goes_on(tmp_path):

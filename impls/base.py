@@ -253,7 +253,7 @@ def _untouched(*models: nn.Module, create_graph: bool = False):
 def _random_state_kept(cuda_devices: list[int]):
     """``torch.random.fork_rng``: the CPU generator's state (and these CUDA devices') put back on
     exit. Without CUDA devices, the CPU state alone, without fork_rng's lookup of the current
-    accelerator and its device module (12 of its 16 us a call, measured inside a ghost call)."""
+    accelerator and its device module (fork_rng took 16 us of a ghost call on a small MLP)."""
     if cuda_devices:
         with torch.random.fork_rng(devices=cuda_devices, device_type="cuda"):
             yield

@@ -334,7 +334,7 @@ def add_floor_arguments(parser: argparse.ArgumentParser) -> None:
         "--rounds",
         type=cli.ROUNDS,
         default=5,
-        help="interleaved rounds of the activation step and the plain step",
+        help="interleaved rounds of the activation step and the plain step, and of ghost's parts",
     )
 
 
@@ -346,8 +346,9 @@ def validate_floor(args) -> None:
 
 
 def run_floor(args) -> int:
-    """The floor of one bench case, in parts: the activation step beside a plain step, and each
-    parameter group's reduction in every exact form (the fastest is the floor's)."""
+    """The floor of one bench case, in parts: the activation step beside a plain step, each
+    parameter group's reduction in every exact form (the fastest is the floor's), and ghost's
+    time in the same parts."""
     from bench.cases import get_case
     from bench.floor import floor_report
 
@@ -399,7 +400,8 @@ COMMANDS: dict[str, Command] = {
         add_floor_arguments,
         validate_floor,
         run_floor,
-        "the floor of a bench case in parts: activation step and each group's fastest reduction",
+        "the floor of a bench case in parts (activation step, each group's fastest reduction) "
+        "and ghost's time in the same parts",
     ),
 }
 

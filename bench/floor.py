@@ -19,7 +19,7 @@ For a model, a batch and a quantity (norms or a Gram matrix) the floor is the su
 :func:`floor_step` is one zero-argument callable doing both, which the sweep times interleaved
 with the plain step like any implementation (``implementation == "floor"``); its forms are
 chosen by :func:`fastest_forms` before. ``python -m bench floor CASE`` prints the breakdown
-(``floor_report``).
+(``floor_report``), and ``ghost``'s time in the same parts beside it (:func:`ghost_parts`).
 """
 
 from __future__ import annotations
@@ -259,6 +259,122 @@ def floor_step(model, loss_fn, batch, quantity: str) -> Callable[[], None]:
     return floor
 
 
+@dataclass
+class GhostParts:
+    """Medians (seconds) of ``ghost``'s pieces, timed in the same interleaved rounds as the
+    floor, its activation step and a plain forward (each piece a ``blocked_autorange`` per
+    round, calls back to back as the sweep times a cell: one call right after another piece
+    reads far slower on a small model, its caches cold). Each of ghost's parts is the
+    difference of two nested calls (the forward is inside the factors' call, which is inside the
+    reductions' call, inside the whole call), so a part near zero can read slightly negative."""
+
+    plain_forward: float  # the model and loss alone, with autograd recording
+    floor: float  # the floor (``floor_step``): its activation step and fastest reductions
+    activation_step: float  # the floor's forward and backward to the uses' outputs
+    captured_forward: float  # ghost's forward under the watch that follows the batch
+    backward_and_factors: float  # its backward to the uses' outputs, and the factors built
+    reductions: float  # the cost model's forms, on those factors
+    outside: float  # checks, the model guard, random state, the total and square root
+    total: float  # one whole ``ghost.norms`` / ``ghost.inner`` call
+
+
+def ghost_parts(
+    model, loss_fn, batch, quantity: str, rounds: int = 5, min_run_time: float = 0.05
+) -> GhostParts:
+    """Where ``ghost``'s time goes, beside the floor's activation step (see :class:`GhostParts`).
+
+    Calls ghost's own pieces (``impls._capture``, ``Ghost._squared_norms`` / ``_inner``) the way
+    a whole call does, each with a consumer that does nothing more than the piece named.
+    """
+    from torch.utils.benchmark import Timer
+
+    import impls
+    from correctness.oracle import call
+    from impls._capture import captured_forward, parameter_factors
+
+    ghost = impls.get("ghost")
+    side = ghost._side(model, batch)
+    inputs, targets = batch
+
+    def plain_forward() -> None:
+        with torch.enable_grad():
+            loss_fn(call(model, inputs), targets).sum()
+
+    def forward() -> None:
+        with torch.enable_grad():
+            captured_forward(side, loss_fn, False)
+
+    def factors() -> None:
+        with torch.enable_grad():
+            parameter_factors(side, loss_fn, False, lambda group: None)
+
+    def reduced() -> None:
+        with torch.enable_grad():
+            if quantity == "norms":
+                ghost._squared_norms(side, loss_fn, False)
+            else:
+                ghost._inner(side, side, loss_fn, False)
+
+    def whole() -> None:
+        if quantity == "norms":
+            ghost.norms(model, loss_fn, batch)
+        else:
+            ghost.inner(model, loss_fn, batch)
+
+    pieces = {
+        "plain_forward": plain_forward,
+        "floor": floor_step(model, loss_fn, batch, quantity),
+        "activation_step": activation_step(model, loss_fn, batch),
+        "forward": forward,
+        "factors": factors,
+        "reduced": reduced,
+        "whole": whole,
+    }
+    timers = {
+        name: Timer(stmt="f()", globals={"f": f}, num_threads=torch.get_num_threads())
+        for name, f in pieces.items()
+    }
+    for f in pieces.values():
+        f()  # untimed: thread wake-ups, fresh pages, first-call caches
+    times: dict[str, list[float]] = {name: [] for name in pieces}
+    for _ in range(rounds):
+        for name, timer in timers.items():
+            times[name].append(timer.blocked_autorange(min_run_time=min_run_time).median)
+    m = {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+    return GhostParts(
+        plain_forward=m["plain_forward"],
+        floor=m["floor"],
+        activation_step=m["activation_step"],
+        captured_forward=m["forward"],
+        backward_and_factors=m["factors"] - m["forward"],
+        reductions=m["reduced"] - m["factors"],
+        outside=m["whole"] - m["reduced"],
+        total=m["whole"],
+    )
+
+
+def ghost_lines(parts: GhostParts) -> list[str]:
+    """``ghost_parts`` in text."""
+
+    def ms(seconds: float) -> str:
+        return f"{seconds * 1e3:8.3f} ms"
+
+    capture = parts.captured_forward + parts.backward_and_factors
+    return [
+        f"ghost {parts.total * 1e3:.3f} ms = {parts.total / parts.floor:.3f}x the floor "
+        f"({parts.floor * 1e3:.3f} ms, {(parts.total - parts.floor) * 1e3:+.3f} ms); "
+        "medians of interleaved rounds:",
+        f"  plain forward (model and loss)           {ms(parts.plain_forward)}",
+        f"  ghost's captured forward                 {ms(parts.captured_forward)}"
+        f"  ({(parts.captured_forward - parts.plain_forward) * 1e3:+.3f} ms over a plain one)",
+        f"  ghost's backward to the uses, factors    {ms(parts.backward_and_factors)}",
+        f"    forward + backward + factors           {ms(capture)}"
+        f"  (floor's activation step {parts.activation_step * 1e3:.3f} ms)",
+        f"  ghost's reductions (cost model's forms)  {ms(parts.reductions)}",
+        f"  outside the capture (checks, guards)     {ms(parts.outside)}",
+    ]
+
+
 def floor_report(model, loss_fn, batch, quantity: str, rounds: int = 5) -> str:
     """The floor's parts in text: the activation step beside a plain step, each group's forms."""
     from bench.sweep import plain_step
@@ -287,4 +403,6 @@ def floor_report(model, loss_fn, batch, quantity: str, rounds: int = 5) -> str:
         name = ", ".join(t.names)
         name = name if len(name) <= 48 else name[:45] + "..."
         lines.append(f"{name:48s} {t.form or 'cost model':>12s} {t.seconds * 1e3:8.2f}   {forms}")
+    parts = ghost_parts(model, loss_fn, batch, quantity, rounds)
+    lines += ghost_lines(parts)
     return "\n".join(lines)

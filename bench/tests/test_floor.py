@@ -3,6 +3,7 @@ and that measuring it leaves the model as it was."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -108,3 +109,28 @@ def test_every_group_gets_its_fastest_form_and_the_model_is_untouched():
     assert all(p.grad is None for p in model.parameters())
     for n, p in model.named_parameters():
         assert torch.equal(p, before[n])
+
+
+def test_ghosts_parts_add_up_to_its_call_and_leave_the_model_as_it_was():
+    model, batch = _mlp(), _batch()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for quantity in ("norms", "gram"):
+        parts = floor.ghost_parts(model, losses.cross_entropy, batch, quantity, 1, 0.001)
+        pieces = (parts.captured_forward, parts.backward_and_factors, parts.reductions)
+        assert sum(pieces) + parts.outside == pytest.approx(parts.total)
+        assert min(parts.plain_forward, parts.floor, parts.activation_step, parts.total) > 0
+        assert parts.captured_forward > 0
+        text = "\n".join(floor.ghost_lines(parts))
+        assert f"{parts.total / parts.floor:.3f}x the floor" in text
+    assert all(p.grad is None for p in model.parameters())
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n])
+
+
+def test_the_floor_command_prints_ghost_beside_the_floor(capsys):
+    from bench.__main__ import main
+
+    assert main(["floor", "mlp_mnist", "--batch-size", "4", "--rounds", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "activation step" in out and "x the floor" in out
+    assert "ghost's captured forward" in out and "outside the capture" in out

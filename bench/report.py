@@ -351,7 +351,9 @@ def render(frame: pd.DataFrame, environments: dict[str, dict], plots: dict) -> s
         "(no parameter gradient), plus each parameter group's reduction alone, on factors "
         "captured beforehand (a convolution's input; its patches are built inside the "
         "reduction), in its fastest exact form. `(1.05x floor)` beside a time is the "
-        "implementation's time as a multiple of the floor measured beside it.",
+        "implementation's time as a multiple of the floor measured beside it. "
+        "`python -m bench floor CASE --batch-size N` prints the floor in parts, and `ghost`'s "
+        "time in the same parts beside it.",
         "",
     ]
     devices = list(dict.fromkeys(frame["device"]))

@@ -403,6 +403,12 @@ def floor_report(model, loss_fn, batch, quantity: str, rounds: int = 5) -> str:
         name = ", ".join(t.names)
         name = name if len(name) <= 48 else name[:45] + "..."
         lines.append(f"{name:48s} {t.form or 'cost model':>12s} {t.seconds * 1e3:8.2f}   {forms}")
-    parts = ghost_parts(model, loss_fn, batch, quantity, rounds)
-    lines += ghost_lines(parts)
+    from impls import Unsupported
+
+    try:
+        parts = ghost_parts(model, loss_fn, batch, quantity, rounds)
+    except Unsupported as refusal:
+        lines.append(f"ghost: unsupported on this model ({refusal})")
+    else:
+        lines += ghost_lines(parts)
     return "\n".join(lines)

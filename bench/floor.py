@@ -245,9 +245,16 @@ def fastest_forms(groups: list[dict], quantity: str, repeats: int = 3) -> list[G
 def floor_step(model, loss_fn, batch, quantity: str) -> Callable[[], None]:
     """One callable: the activation step, then every group's reduction in its fastest form on
     factors captured (and forms chosen) now, beforehand."""
-    step = activation_step(model, loss_fn, batch)
     groups = captured_groups(model, loss_fn, batch)
-    timings = fastest_forms(groups, quantity)
+    return floor_of(
+        activation_step(model, loss_fn, batch), groups, fastest_forms(groups, quantity), quantity
+    )
+
+
+def floor_of(
+    step: Callable[[], None], groups: list[dict], timings: list[GroupTiming], quantity: str
+) -> Callable[[], None]:
+    """``floor_step`` from its parts: an activation step, the captured groups and their forms."""
     plan = [(group, timing.form) for group, timing in zip(groups, timings, strict=True)]
 
     def floor() -> None:
@@ -279,9 +286,18 @@ class GhostParts:
 
 
 def ghost_parts(
-    model, loss_fn, batch, quantity: str, rounds: int = 5, min_run_time: float = 0.05
+    model,
+    loss_fn,
+    batch,
+    quantity: str,
+    rounds: int = 5,
+    min_run_time: float = 0.05,
+    floor: Callable[[], None] | None = None,
+    step: Callable[[], None] | None = None,
 ) -> GhostParts:
     """Where ``ghost``'s time goes, beside the floor's activation step (see :class:`GhostParts`).
+    ``floor`` and ``step``: the floor and its activation step when the caller built them
+    already (choosing the floor's forms times every group's reductions again).
 
     Calls ghost's own pieces (``impls._capture``, ``Ghost._squared_norms`` / ``_inner``) the way
     a whole call does, each with a consumer that does nothing more than the piece named.
@@ -323,8 +339,8 @@ def ghost_parts(
 
     pieces = {
         "plain_forward": plain_forward,
-        "floor": floor_step(model, loss_fn, batch, quantity),
-        "activation_step": activation_step(model, loss_fn, batch),
+        "floor": floor or floor_step(model, loss_fn, batch, quantity),
+        "activation_step": step or activation_step(model, loss_fn, batch),
         "forward": forward,
         "factors": factors,
         "reduced": reduced,
@@ -388,7 +404,8 @@ def floor_report(model, loss_fn, batch, quantity: str, rounds: int = 5) -> str:
             f()
             times.append(time.perf_counter() - start)
     step_s, plain_s = sorted(step_times)[rounds // 2], sorted(plain_times)[rounds // 2]
-    timings = fastest_forms(captured_groups(model, loss_fn, batch), quantity)
+    groups = captured_groups(model, loss_fn, batch)
+    timings = fastest_forms(groups, quantity)
     reductions = sum(t.seconds for t in timings)
     lines = [
         f"plain step {plain_s * 1e3:.1f} ms; activation step {step_s * 1e3:.1f} ms "
@@ -406,7 +423,8 @@ def floor_report(model, loss_fn, batch, quantity: str, rounds: int = 5) -> str:
     from impls import Unsupported
 
     try:
-        parts = ghost_parts(model, loss_fn, batch, quantity, rounds)
+        floor = floor_of(step, groups, timings, quantity)
+        parts = ghost_parts(model, loss_fn, batch, quantity, rounds, floor=floor, step=step)
     except Unsupported as refusal:
         lines.append(f"ghost: unsupported on this model ({refusal})")
     else:
